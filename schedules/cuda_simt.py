@@ -1,0 +1,46 @@
+"""CUDA schedule with plain FFMA (no tensor cores): the always-available GPU path.
+
+One thread block of ``num_threads`` threads per (batch, head, query tile);
+every phase of the compute is bound to ``threadIdx.x`` (TVM inserts the
+``__syncthreads`` between phases) and each thread's element loop is unrolled
+so its share of the output accumulator lives in registers.  Tiles live in
+static shared memory, so the tile sizes are chosen to fit 48 KB.
+"""
+
+import tvm
+
+from tvm_flash.compute import flash_forward
+
+from .common import phase_loops, tile_loop
+
+SMEM_LIMIT = 48 * 1024
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def smem_bytes(head_dim: int, dtype: str, block_m: int, block_n: int) -> int:
+    """Shared memory of one block: Q, K, V tiles, the P tile and three row vectors."""
+    return (block_m + 2 * block_n) * head_dim * _BYTES[dtype] + block_m * block_n * 4 + 3 * block_m * 4
+
+
+def default_knobs(head_dim: int, dtype: str) -> dict:
+    """The largest tile that fits in static shared memory."""
+    for bm, bn, nt in ((32, 32, 128), (32, 16, 128), (16, 16, 128), (16, 8, 128), (16, 8, 64)):
+        divisible = (bm * head_dim) % nt == 0 and (bn * head_dim) % nt == 0
+        if divisible and smem_bytes(head_dim, dtype, bm, bn) <= SMEM_LIMIT:
+            return {"block_m": bm, "block_n": bn, "num_threads": nt}
+    raise ValueError(f"head_dim={head_dim} {dtype} does not fit the CUDA FFMA kernel")
+
+
+def schedule(head_dim: int, dtype: str, causal: bool, **knobs):
+    """Return the scheduled PrimFunc for CUDA."""
+    k = {**default_knobs(head_dim, dtype), **knobs}
+    if smem_bytes(head_dim, dtype, k["block_m"], k["block_n"]) > SMEM_LIMIT:
+        raise ValueError(f"tile {k} needs more than {SMEM_LIMIT} bytes of shared memory")
+    func = flash_forward(head_dim, dtype, causal, smem="shared", reg="local", **k)
+    sch = tvm.s_tir.Schedule(func)
+    sch.bind(tile_loop(sch), "blockIdx.x")
+    for _, tx, i in phase_loops(sch):
+        sch.bind(tx, "threadIdx.x")
+        if i is not None:
+            sch.unroll(i)
+    return sch.mod["main"]

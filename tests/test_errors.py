@@ -1,0 +1,63 @@
+"""Bad input gets a clear Python error naming the argument; backward is refused."""
+
+import pytest
+import torch
+
+import tvm_flash
+
+
+def qkv(shape_q=(1, 2, 8, 64), shape_kv=(1, 2, 8, 64), dtype=torch.float32):
+    return torch.randn(shape_q, dtype=dtype), torch.randn(shape_kv, dtype=dtype), torch.randn(shape_kv, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: (torch.randn(2, 8, 64), *qkv()[1:]), ValueError, "q must have 4 dimensions"),
+        (lambda: (qkv()[0], qkv()[1].half(), qkv()[2]), TypeError, "k is torch.float16"),
+        (lambda: qkv(dtype=torch.float64), TypeError, "q has dtype torch.float64"),
+        (lambda: tuple(t.int() for t in qkv()), TypeError, "dtype"),
+        (lambda: qkv((1, 3, 8, 64), (1, 2, 8, 64)), ValueError, r"multiple of key/value heads"),
+        (lambda: qkv((1, 2, 8, 64), (1, 2, 8, 32)), ValueError, "head_dim differs"),
+        (lambda: qkv((1, 2, 8, 16), (1, 2, 8, 16)), ValueError, "head_dim must be"),
+        (lambda: qkv((1, 2, 8, 260), (1, 2, 8, 260)), ValueError, "head_dim must be"),
+        (lambda: qkv((1, 2, 8, 60), (1, 2, 8, 60)), ValueError, "head_dim must be"),
+        (lambda: qkv((1, 2, 0, 64), (1, 2, 8, 64)), ValueError, "q has a zero-size"),
+        (lambda: qkv((2, 2, 8, 64), (1, 2, 8, 64)), ValueError, "batch sizes differ"),
+        (lambda: (qkv()[0], qkv()[1], torch.randn(1, 2, 9, 64)), ValueError, "k and v must have the same shape"),
+        (lambda: ("q", *qkv()[1:]), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(make, exc, match):
+    q, k, v = make()
+    with pytest.raises(exc, match=match):
+        tvm_flash.attention(q, k, v)
+
+
+def test_bad_scale():
+    with pytest.raises(ValueError, match="scale"):
+        tvm_flash.attention(*qkv(), scale=float("nan"))
+
+
+def test_meta_device_rejected():
+    q, k, v = (t.to("meta") for t in qkv())
+    with pytest.raises(ValueError, match="device"):
+        tvm_flash.attention(q, k, v)
+
+
+def test_backward_raises_clear_error():
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = tvm_flash.attention(q, k, v)
+    with pytest.raises(NotImplementedError, match="backward"):
+        out.sum().backward()
+
+
+def test_sdpa_compat_rejects_mask_dropout_and_implicit_gqa():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="attn_mask"):
+        tvm_flash.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout"):
+        tvm_flash.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    q, k, v = qkv((1, 4, 8, 64), (1, 2, 8, 64))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        tvm_flash.scaled_dot_product_attention(q, k, v)

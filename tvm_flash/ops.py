@@ -1,0 +1,136 @@
+"""The torch API: input checks, the ``tvm_flash::flash_fwd`` custom op, SDPA-compatible entry.
+
+Tensors cross into TVM through DLPack with no copy; on CUDA the kernel runs
+on torch's current stream.  The custom op (with a fake implementation) makes
+``torch.compile`` treat the kernel as one opaque node.  Backward is not
+implemented yet: it raises a clear ``NotImplementedError``.
+
+Inputs that are not contiguous are made contiguous (one copy each); outputs
+are always new contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .build import Workload, get_kernel, make_target
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+_INT32_MAX = 2**31 - 1
+
+
+def _check_inputs(q, k, v, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on device {t.device}; supported: cpu, cuda")
+        if t.numel() == 0:
+            raise ValueError(f"{name} has a zero-size dimension: shape {tuple(t.shape)}")
+        if t.numel() > _INT32_MAX:
+            raise ValueError(f"{name} has {t.numel()} elements; at most 2**31-1 are supported (32-bit indexing)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share one dtype: q is {q.dtype}, {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k/v have {k.shape[3]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    d = q.shape[3]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def _target_for(device: torch.device):
+    if device.type == "cpu":
+        return make_target("llvm")
+    major, minor = torch.cuda.get_device_capability(device)
+    return make_target("cuda", f"sm_{major}{minor}")
+
+
+@torch.library.custom_op("tvm_flash::flash_fwd", mutates_args=())
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention on contiguous, checked inputs: returns (out, lse float32)."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    dtype = str(q.dtype).removeprefix("torch.")
+    kernel = get_kernel(Workload(q.shape[3], dtype, bool(causal)), _target_for(q.device))
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            kernel(q, k, v, out, lse, float(scale))
+    else:
+        kernel(q, k, v, out, lse, float(scale))
+    return out, lse
+
+
+@flash_fwd.register_fake
+def _flash_fwd_fake(q, k, v, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad_out, grad_lse):
+    raise NotImplementedError(
+        "tvm_flash: the backward pass is not implemented yet; use torch.nn.functional."
+        "scaled_dot_product_attention for training, or call tvm_flash under torch.no_grad()"
+    )
+
+
+flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """FlashAttention forward.
+
+    q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D] with Hq % Hkv == 0 (GQA/MQA).
+    dtype float32/float16/bfloat16 (accumulation in float32); D a multiple of
+    8 in [32, 256]; any Sq, Sk >= 1.  ``causal`` is top-left aligned (query i
+    sees keys j <= i); ``scale`` defaults to 1/sqrt(D).  Returns the output
+    [B, Hq, Sq, D], and with ``return_lse`` also the float32 log-sum-exp
+    [B, Hq, Sq] (natural log)."""
+    _check_inputs(q, k, v, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = flash_fwd(q.contiguous(), k.contiguous(), v.contiguous(), bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (no mask, no dropout).
+
+    Accepts [B, H, S, D] or [B, S, D] tensors.  As in torch, differing query
+    and key/value head counts need ``enable_gqa=True``."""
+    if attn_mask is not None:
+        raise ValueError("tvm_flash does not support attn_mask (only is_causal); use F.scaled_dot_product_attention for masks")
+    if dropout_p != 0.0:
+        raise ValueError(f"tvm_flash does not support dropout (dropout_p={dropout_p}); pass dropout_p=0.0")
+    squeeze = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (query, key, value))
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4:
+        if query.shape[1] != key.shape[1] and not enable_gqa:
+            raise ValueError(
+                f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for grouped-query attention"
+            )
+    out = attention(query, key, value, causal=is_causal, scale=scale)
+    return out.squeeze(1) if squeeze else out
