@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tvm_flash.build import Workload, get_kernel
-from tvm_flash.ops import _target_for
+from tvm_flash.build import Workload
+from tvm_flash.ops import _kernel
 from tvm_flash.reference import attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -35,7 +35,7 @@ def run_poisoned(q, k, v, causal, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
-    kernel = get_kernel(Workload(q.shape[-1], DTYPE_NAMES[q.dtype], causal), _target_for(q.device))
+    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[-1], DTYPE_NAMES[q.dtype], causal))
     kernel(q, k, v, out, lse, float(scale))
     if q.is_cuda:
         torch.cuda.synchronize()

@@ -34,9 +34,10 @@ def test_bad_inputs(make, exc, match):
         tvm_flash.attention(q, k, v)
 
 
-def test_bad_scale():
-    with pytest.raises(ValueError, match="scale"):
-        tvm_flash.attention(*qkv(), scale=float("nan"))
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.5, 0.0])
+def test_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        tvm_flash.attention(*qkv(), scale=scale)
 
 
 def test_meta_device_rejected():

@@ -17,6 +17,7 @@ The cache folder is ``$TVM_FLASH_CACHE`` or ``~/.cache/tvm_flash``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -61,23 +62,21 @@ def schedule_module(kind: str, workload: Workload):
     return schedules.for_target(kind, workload.dtype, workload.head_dim)
 
 
-def scheduled_func(workload: Workload, kind: str):
-    """The scheduled PrimFunc for a workload on a target kind."""
+def scheduled_func(workload: Workload, kind: str, knobs: dict | None = None):
+    """The scheduled PrimFunc for a workload on a target kind (schedule defaults unless ``knobs``)."""
     sched = schedule_module(kind, workload)
-    return sched.schedule(workload.head_dim, workload.dtype, workload.causal)
+    return sched.schedule(workload.head_dim, workload.dtype, workload.causal, **(knobs or {}))
 
 
-def cache_key(workload: Workload, target: tvm.target.Target) -> str:
+def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None) -> str:
     sched = schedule_module(target.kind.name, workload)
-    from .schedules import common
-
-    sources = "".join(inspect.getsource(m) for m in (compute, common, sched))
     blob = json.dumps(
         {
             "workload": dataclasses.asdict(workload),
+            "knobs": knobs or {},
             "target": str(target),
             "tvm": tvm.__version__,
-            "source": hashlib.sha256(sources.encode()).hexdigest(),
+            "source": _source_hash(sched.__name__),
         },
         sort_keys=True,
     )
@@ -85,9 +84,20 @@ def cache_key(workload: Workload, target: tvm.target.Target) -> str:
     return f"fwd_{w.dtype}_d{w.head_dim}{'_causal' if w.causal else ''}_{target.kind.name}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def compile_kernel(workload: Workload, target: tvm.target.Target):
+@functools.lru_cache(maxsize=None)
+def _source_hash(schedule_module_name: str) -> str:
+    """Hash of the code a kernel is generated from: compute, shared helpers, its schedule."""
+    import importlib
+
+    from .schedules import common
+
+    modules = (compute, common, importlib.import_module(schedule_module_name))
+    return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
+
+
+def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | None = None):
     """Compile (no cache): returns the tvm Executable."""
-    func = scheduled_func(workload, target.kind.name)
+    func = scheduled_func(workload, target.kind.name, knobs)
     return tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target)
 
 
@@ -95,18 +105,18 @@ _memory: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def get_kernel(workload: Workload, target: tvm.target.Target):
+def get_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | None = None):
     """The ``flash_fwd`` function for a workload, from memory, disk or a fresh build."""
-    key = cache_key(workload, target)
+    key = cache_key(workload, target, knobs)
     with _lock:
         fn = _memory.get(key)
         if fn is None:
-            fn = _load_or_build(key, workload, target)
+            fn = _load_or_build(key, workload, target, knobs)
             _memory[key] = fn
     return fn
 
 
-def _load_or_build(key: str, workload: Workload, target: tvm.target.Target):
+def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, knobs: dict | None):
     folder = cache_dir()
     path = folder / f"{key}.so"
     if path.exists():
@@ -115,7 +125,7 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target):
         except Exception as err:  # a damaged entry is rebuilt, never trusted
             log.warning("tvm_flash: cached kernel %s failed to load (%s); rebuilding", path, err)
     log.info("tvm_flash: compiling %s for %s", workload, target.kind.name)
-    lib = compile_kernel(workload, target)
+    lib = compile_kernel(workload, target, knobs)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=folder)
     os.close(fd)

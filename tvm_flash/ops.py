@@ -5,12 +5,13 @@ on torch's current stream.  The custom op (with a fake implementation) makes
 ``torch.compile`` treat the kernel as one opaque node.  Backward is not
 implemented yet: it raises a clear ``NotImplementedError``.
 
-Inputs that are not contiguous are made contiguous (one copy each); outputs
-are always new contiguous tensors.
+Inputs that are not contiguous (or whose start is not 16-byte aligned) are
+copied once; outputs are always new contiguous tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,24 +54,35 @@ def _check_inputs(q, k, v, scale):
     d = q.shape[3]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
         raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
-def _target_for(device: torch.device):
-    if device.type == "cpu":
-        return make_target("llvm")
-    major, minor = torch.cuda.get_device_capability(device)
-    return make_target("cuda", f"sm_{major}{minor}")
+def _aligned(t):
+    """Contiguous with a 16-byte aligned start (the kernels' vector loads need it)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_type: str, device_index, workload: Workload):
+    """The compiled kernel for a workload on a device (looked up once per process)."""
+    if device_type == "cpu":
+        target = make_target("llvm")
+    else:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        target = make_target("cuda", f"sm_{major}{minor}")
+    return get_kernel(workload, target)
 
 
 @torch.library.custom_op("tvm_flash::flash_fwd", mutates_args=())
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward attention on contiguous, checked inputs: returns (out, lse float32)."""
-    out = torch.empty_like(q)
+    """Forward attention on checked inputs: returns (out, lse float32)."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     dtype = str(q.dtype).removeprefix("torch.")
-    kernel = get_kernel(Workload(q.shape[3], dtype, bool(causal)), _target_for(q.device))
+    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
             kernel(q, k, v, out, lse, float(scale))
@@ -81,7 +93,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
 
 @flash_fwd.register_fake
 def _flash_fwd_fake(q, k, v, causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,7 +121,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     [B, Hq, Sq] (natural log)."""
     _check_inputs(q, k, v, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = flash_fwd(q.contiguous(), k.contiguous(), v.contiguous(), bool(causal), scale)
+    out, lse = flash_fwd(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
