@@ -93,9 +93,32 @@ def forward_tc(
     num_warps: int = 4,
     num_stages: int = 2,
     q_in_regs: bool | None = None,
+    one_sync: bool = False,
+    q_hoist: bool = False,
+    lazy_rescale: bool = False,
+    smem_epilogue: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    """Build the FlashAttention-2 forward PrimFunc ``flash_fwd`` (see the module docstring)."""
+    """Build the FlashAttention-2 forward PrimFunc ``flash_fwd`` (see the module docstring).
+
+    Opt-in knobs (all off by default; off == the original kernel, code unchanged):
+
+    * ``one_sync``: one ``__syncthreads`` per key tile instead of two.  Each iteration first waits
+      for its own tile (``cp.async.wait_group(num_stages-2)``), then one barrier both publishes the
+      tile and proves every warp is done with tile j-1, whose ring slot is refilled right after it.
+      Needs ``num_stages >= 2``; the copy/compute overlap is the same as before.
+    * ``q_hoist``: keep the Q fragments in registers (implies ``q_in_regs``) and load them once
+      before the key loop instead of under ``if j == 0`` inside it.
+    * ``lazy_rescale``: skip the O *= exp2(m_old - m_new) rescale of a row pair when no row of the
+      warp changed its running max (warp-uniform ``__any_sync`` vote; exact, alpha would be 1.0).
+    * ``smem_epilogue``: O / l goes through the warp's own (dead) rows of the Q tile in shared memory
+      and is written to global with 16-byte coalesced stores (needs Q not re-read from shared memory
+      after the loop: always true).
+    """
     _check(head_dim, dtype, block_m, block_n, num_warps, num_stages)
+    if one_sync and num_stages < 2:
+        raise ValueError("one_sync needs num_stages >= 2")
+    if q_hoist:
+        q_in_regs = True
     D, BM, BN, NW, NS = head_dim, block_m, block_n, num_warps, num_stages
     NT = 32 * NW  # threads per CTA
     WM = BM // NW  # query rows per warp
@@ -223,18 +246,39 @@ def forward_tc(
                             m_i[mt, hh] = T.float32(NEG_INF)
                             l_i[mt, hh] = T.float32(0)
 
+                        if q_hoist:
+                            # Q arrives with the first prologue group (NS == 1: commit it alone)
+                            if NS == 1:
+                                commit()
+                            wait_group(0)
+                            T.tvm_storage_sync("shared")
+                            for mt, kd in T.grid(MT, KD):
+                                ldsm_x4(qf[(mt * KD + kd) * 4 + 0], qf[(mt * KD + kd) * 4 + 1],
+                                        qf[(mt * KD + kd) * 4 + 2], qf[(mt * KD + kd) * 4 + 3],
+                                        T.address_of(smem[(warp * WM + mt * 16 + lane % 16) * SD
+                                                          + kd * 16 + (lane // 16) * 8]))
+
                         for j in T.serial(n_blk):
-                            # everyone is done with tile j-1: its ring slot may be refilled
-                            T.tvm_storage_sync("shared")
-                            if j + NS - 1 < n_blk:
-                                load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
-                            commit()
-                            wait_group(NS - 1)
-                            T.tvm_storage_sync("shared")
+                            if one_sync:
+                                # tile j landed (own copies), then one barrier: tile j visible to all,
+                                # and every warp is past tile j-1, so its slot may be refilled now
+                                wait_group(NS - 2)
+                                T.tvm_storage_sync("shared")
+                                if j + NS - 1 < n_blk:
+                                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
+                                commit()
+                            else:
+                                # everyone is done with tile j-1: its ring slot may be refilled
+                                T.tvm_storage_sync("shared")
+                                if j + NS - 1 < n_blk:
+                                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
+                                commit()
+                                wait_group(NS - 1)
+                                T.tvm_storage_sync("shared")
                             k_base = K_OFF + (j % NS) * BN * SD
                             v_base = V_OFF + (j % NS) * BN * SD
 
-                            if q_in_regs:
+                            if q_in_regs and not q_hoist:
                                 if j == 0:
                                     for mt, kd in T.grid(MT, KD):
                                         ldsm_x4(qf[(mt * KD + kd) * 4 + 0], qf[(mt * KD + kd) * 4 + 1],
@@ -288,8 +332,13 @@ def forward_tc(
                                 l_i[mt, hh] = l_i[mt, hh] * alpha[0]
                                 for nt, e in T.grid(NTN, 2):
                                     l_i[mt, hh] = l_i[mt, hh] + s[mt, nt, hh * 2 + e]
-                                for dt, e in T.grid(DT, 2):
-                                    acc[mt, dt, hh * 2 + e] = acc[mt, dt, hh * 2 + e] * alpha[0]
+                                if lazy_rescale:
+                                    if T.call_extern("int32", "__any_sync", T.uint32(FULL), alpha[0] != T.float32(1)) != 0:
+                                        for dt, e in T.grid(DT, 2):
+                                            acc[mt, dt, hh * 2 + e] = acc[mt, dt, hh * 2 + e] * alpha[0]
+                                else:
+                                    for dt, e in T.grid(DT, 2):
+                                        acc[mt, dt, hh * 2 + e] = acc[mt, dt, hh * 2 + e] * alpha[0]
 
                             # ---- O += P V, P straight from the S registers ----
                             for kn in T.unroll(KN):
@@ -311,18 +360,42 @@ def forward_tc(
                                             acc[mt, 2 * dp + 1, 0], acc[mt, 2 * dp + 1, 1], acc[mt, 2 * dp + 1, 2], acc[mt, 2 * dp + 1, 3])
 
                         # ---- epilogue: O / l and LSE ----
-                        for mt, hh in T.grid(MT, 2):
-                            red[0] = l_i[mt, hh]
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
-                            row = m0 + warp * WM + mt * 16 + g + hh * 8
-                            if row < Sq:
+                        if smem_epilogue:
+                            # the warp's own Q rows are dead now: stage O there, then 16-byte stores
+                            s32 = T.decl_buffer((SMEM // 2,), "uint32", data=smem.data, scope="shared.dyn")
+                            T.tvm_storage_sync("warp")
+                            for mt, hh in T.grid(MT, 2):
+                                red[0] = l_i[mt, hh]
+                                red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
+                                red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
                                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
-                                for dt in T.unroll(DT):  # two outputs per 32-bit store
+                                for dt in T.unroll(DT):
                                     pack2(pk[0], acc[mt, dt, hh * 2 + 1] * alpha[0], acc[mt, dt, hh * 2] * alpha[0])
-                                    o32[(((bz * Hq + hq) * Sq + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
-                                if t4 == 0:
-                                    lse[bz, hq, row] = (m_i[mt, hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
+                                    s32[((warp * WM + mt * 16 + g + hh * 8) * SD + dt * 8 + t4 * 2) // 2] = pk[0]
+                                row = m0 + warp * WM + mt * 16 + g + hh * 8
+                                if row < Sq:
+                                    if t4 == 0:
+                                        lse[bz, hq, row] = (m_i[mt, hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
+                            T.tvm_storage_sync("warp")
+                            for it in T.unroll(WM * CH // 32):
+                                r = (it * 32 + lane) // CH
+                                c = (it * 32 + lane) % CH
+                                if m0 + warp * WM + r < Sq:
+                                    o32[T.ramp((((bz * Hq + hq) * Sq + m0 + warp * WM + r) * D + c * 8) // 2, 1, 4)] = \
+                                        s32[T.ramp(((warp * WM + r) * SD + c * 8) // 2, 1, 4)]
+                        else:
+                            for mt, hh in T.grid(MT, 2):
+                                red[0] = l_i[mt, hh]
+                                red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
+                                red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
+                                row = m0 + warp * WM + mt * 16 + g + hh * 8
+                                if row < Sq:
+                                    alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
+                                    for dt in T.unroll(DT):  # two outputs per 32-bit store
+                                        pack2(pk[0], acc[mt, dt, hh * 2 + 1] * alpha[0], acc[mt, dt, hh * 2] * alpha[0])
+                                        o32[(((bz * Hq + hq) * Sq + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
+                                    if t4 == 0:
+                                        lse[bz, hq, row] = (m_i[mt, hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
     # fmt: on
     return flash_fwd
 
@@ -333,13 +406,16 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
-    """Hand-picked defaults: the best of a 24-point knob sweep on the H100
-    (benchmarks/sweep_knobs.py, bf16, seq 4096; numbers in docs/perf-notes.md)."""
+    """Hand-picked defaults: the best of knob sweeps on the H100 (bf16, seq 4096;
+    benchmarks/sweep_knobs.py and the opt-in knob sweep; numbers in docs/perf-notes.md)."""
+    base = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2}
     if head_dim > 128:
-        return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
-    if head_dim > 64 and not causal:  # 128x32: 332 TFLOP/s vs 301 for 128x64 (no spills)
-        return {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 2}
-    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2}
+        return {**base, "block_m": 64, "block_n": 32}
+    if head_dim == 128:  # 344 TFLOP/s non-causal / 302 causal, vs 332 / 299 without these
+        return {**base, "one_sync": True, "lazy_rescale": True, "smem_epilogue": True}
+    if head_dim > 64 and not causal:  # 128x32 avoids the 128x64 register spill
+        return {**base, "block_n": 32}
+    return base  # hd64: the opt-in knobs measured slower (300 vs 324)
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
