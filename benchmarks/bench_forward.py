@@ -26,6 +26,9 @@ Sweeps (q, k, v are [B, H, S, D], self-attention, Sq = Sk = S):
   --grid seed   batch {1,4,8,16} x S {512..4096} x hidden 768 (12x64),
                 1024 (16x64), 2048 (16x128), 4096 (32x128); non-causal.
   --quick       only S in {1024, 4096}.
+  --seqlens     an explicit comma list of S (overrides --quick).
+  --dtype fp32  tvm_flash's FFMA path (slow); SDPA's flash and cuDNN backends
+                refuse fp32, which is recorded as an error result ("ERR").
 
 Output: one line per point on stdout as it finishes, then a summary table per
 (dtype, heads, head dim, causal) group with speed ratios of tvm_flash (TFLOP/s
@@ -63,7 +66,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEVICE = "cuda"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("tvm_flash", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff")
 SHORT = {"tvm_flash": "tvm", "naive": "naive", "sdpa_flash": "fa2",
          "sdpa_cudnn": "cudnn", "sdpa_mem_eff": "meff"}
@@ -488,9 +491,16 @@ def write_reports(out_dir: Path, stem: str, meta: dict, points: list[dict]) -> l
     summary = summarize(points)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "summary": summary, "points": points}
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown_report(meta, points, summary))
+    write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=1, default=str) + "\n")
+    write_atomic(out_dir / f"{stem}.md", markdown_report(meta, points, summary))
     return summary
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a run killed mid-write (a timeout) leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -542,6 +552,16 @@ def parse_impls(text: str) -> list[str]:
     return names
 
 
+def parse_seqlens(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -549,8 +569,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="FlashAttention papers' sweep: 16k tokens, hidden 2048 (default)")
     parser.add_argument("--grid", choices=["seed"], default=None,
                         help="use the seed grid (batch x seq x hidden, non-causal) instead of --sweep")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "both"], default="both")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "both"], default="both",
+                        help="both = bf16 and fp16 (default); fp32 writes <card>[-seed]-fp32.*")
     parser.add_argument("--quick", action="store_true", help="only seq 1024 and 4096")
+    parser.add_argument("--seqlens", type=parse_seqlens, default=None,
+                        help="comma list of sequence lengths, overrides --quick (e.g. 1024,2048)")
+    parser.add_argument("--tag", default=None,
+                        help="suffix for the output files: <card>[-seed][-quick][-fp32]-TAG.*")
     parser.add_argument("--impls", type=parse_impls, default=list(IMPLS),
                         help=f"comma list from {','.join(IMPLS)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
@@ -561,17 +586,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def planned_points(args) -> list[tuple[str, Shape]]:
-    if args.grid == "seed":
-        shapes = seed_grid(QUICK_SEQLENS if args.quick else SEED_SEQLENS)
-    else:
-        shapes = fa_sweep(QUICK_SEQLENS if args.quick else FA_SEQLENS)
+    default = SEED_SEQLENS if args.grid == "seed" else FA_SEQLENS
+    seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else default)
+    shapes = seed_grid(seqlens) if args.grid == "seed" else fa_sweep(seqlens)
     dtypes = ["bf16", "fp16"] if args.dtype == "both" else [args.dtype]
     return [(dtype, shape) for dtype in dtypes for shape in shapes]
 
 
 def report_stem(args) -> str:
-    """<card>, <card>-quick, <card>-seed, <card>-seed-quick: a quick run never overwrites a full one."""
-    parts = [card_name()] + (["seed"] if args.grid == "seed" else []) + (["quick"] if args.quick else [])
+    """<card>, <card>-quick, <card>-seed, <card>-seed-quick (then -fp32, -TAG when given):
+    a quick or fp32 run never overwrites a full one."""
+    parts = ([card_name()] + (["seed"] if args.grid == "seed" else [])
+             + (["quick"] if args.quick and not args.seqlens else [])
+             + (["fp32"] if args.dtype == "fp32" else []) + ([args.tag] if args.tag else []))
     return "-".join(parts)
 
 
