@@ -11,6 +11,10 @@ from tvm_flash.compute import flash_forward
 from .common import phase_loops, tile_loop
 
 
+# What MetaSchedule may choose from (tvm_flash.tune); invalid combinations fail to build.
+KNOB_SPACE = {"block_m": [16, 32, 64], "block_n": [16, 32, 64], "num_threads": [16, 32, 64]}
+
+
 def default_knobs(head_dim: int, dtype: str) -> dict:
     # 32 query rows x 32 keys; 32 workers keeps every per-worker loop short.
     return {"block_m": 32, "block_n": 32, "num_threads": 32}

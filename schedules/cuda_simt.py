@@ -17,6 +17,10 @@ SMEM_LIMIT = 48 * 1024
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# What MetaSchedule may choose from (tvm_flash.tune); invalid combinations fail to build.
+KNOB_SPACE = {"block_m": [16, 32], "block_n": [8, 16, 32], "num_threads": [64, 128]}
+
+
 def smem_bytes(head_dim: int, dtype: str, block_m: int, block_n: int) -> int:
     """Shared memory of one block: Q, K, V tiles, the P tile and three row vectors."""
     return (block_m + 2 * block_n) * head_dim * _BYTES[dtype] + block_m * block_n * 4 + 3 * block_m * 4

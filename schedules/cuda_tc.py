@@ -400,6 +400,19 @@ def forward_tc(
     return flash_fwd
 
 
+# What MetaSchedule may choose from (tvm_flash.tune); forward_tc rejects invalid combinations
+# with ValueError (a build error for the tuner).  Booleans as 0/1.
+KNOB_SPACE = {
+    "block_m": [64, 128],
+    "block_n": [32, 64, 128],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3],
+    "one_sync": [0, 1],
+    "lazy_rescale": [0, 1],
+    "smem_epilogue": [0, 1],
+}
+
+
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with a head dim that is a multiple of 16 in [32, 256]."""
     return dtype in _PTX_TYPE and head_dim % 16 == 0 and 32 <= head_dim <= 256

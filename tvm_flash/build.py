@@ -3,6 +3,9 @@
 ``get_kernel(workload, target)`` returns a callable PackedFunc
 ``flash_fwd(q, k, v, o, lse, scale)``.  Lookup order:
 
+Without explicit knobs the kernel uses the workload's tuning log (``tvm_flash.tune``),
+else the schedule's default knobs; the knobs are part of the cache key.
+
 1. this process's memory;
 2. the disk cache: ``<cache>/<key>.so`` where the key hashes the workload,
    the target, the TVM version and the source of the compute and schedule
@@ -106,7 +109,14 @@ _lock = threading.Lock()
 
 
 def get_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | None = None):
-    """The ``flash_fwd`` function for a workload, from memory, disk or a fresh build."""
+    """The ``flash_fwd`` function for a workload, from memory, disk or a fresh build.
+
+    Without ``knobs``, the knobs of the workload's tuning log are used when there is one
+    (``tune.tuned_knobs``), else the schedule's defaults."""
+    if knobs is None:
+        from .tune import tuned_knobs
+
+        knobs = tuned_knobs(workload, target)
     key = cache_key(workload, target, knobs)
     with _lock:
         fn = _memory.get(key)

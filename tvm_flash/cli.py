@@ -1,8 +1,9 @@
-"""Command line: ``tvm-flash demo`` (also ``python -m tvm_flash``) and ``tvm-flash info``.
+"""Command line: ``tvm-flash demo`` (also ``python -m tvm_flash``), ``tvm-flash info`` and ``tvm-flash tune``.
 
 ``demo`` runs attention on a default shape on CUDA when present (else the
 CPU), checks it against the float64 reference and prints the error and
-TFLOP/s beside torch's ``F.scaled_dot_product_attention``.
+TFLOP/s beside torch's ``F.scaled_dot_product_attention``.  ``tune`` searches a
+workload's kernel knobs with MetaSchedule and writes its tuning log (``tvm_flash.tune``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,31 @@ def info(args) -> int:
 
     print(f"tvm_flash {tvm_flash.__version__}, TVM {tvm.__version__}, CUDA runtime enabled: {tvm.runtime.enabled('cuda')}")
     print(f"kernel cache: {cache_dir()}")
+    from tvm_flash.tune import list_logs, logs_root
+
+    logs = list_logs()
+    print(f"tuning logs: {logs_root()} ({len(logs)} tuned workload{'s' if len(logs) != 1 else ''})")
+    for tag, name in logs:
+        print(f"  {tag:12s} {name}")
+    return 0
+
+
+def tune(args) -> int:
+    from tvm_flash import tune as tuning
+    from tvm_flash.build import Workload
+
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        print("tvm-flash tune: --rpc-tracker and --rpc-key go together", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if args.target == "cuda" else "fp32")]
+    workload = Workload(args.head_dim, dtype, args.causal)
+    target = tuning.tune_target(args.target, args.arch)
+    t0 = time.perf_counter()
+    knobs = tuning.tune(
+        workload, target, args.trials, trials_per_iter=args.trials_per_iter,
+        rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+    )
+    print(f"tuned {tuning.workload_name(workload)} on {tuning.target_tag(target)} in {time.perf_counter() - t0:.0f} s: {knobs}")
     return 0
 
 
@@ -100,12 +126,24 @@ def main(argv=None) -> int:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("info", help="versions and cache location")
+    sub.add_parser("info", help="versions, cache location, tuned workloads")
+    t = sub.add_parser("tune", help="tune a workload's kernel knobs with MetaSchedule; writes its tuning log")
+    t.add_argument("--head-dim", type=int, required=True)
+    t.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on llvm")
+    t.add_argument("--causal", action="store_true")
+    t.add_argument("--trials", type=int, default=32)
+    t.add_argument("--trials-per-iter", type=int, help="candidates built and timed per batch (default: all at once)")
+    t.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
+    t.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time candidates on the RPC fleet behind this tracker")
+    t.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers")
     args = parser.parse_args(argv)
     if args.cmd in (None, "demo"):
         if args.cmd is None:
             args = parser.parse_args(["demo"])
         return demo(args)
+    if args.cmd == "tune":
+        return tune(args)
     return info(args)
 
 

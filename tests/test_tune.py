@@ -1,0 +1,160 @@
+"""MetaSchedule knob tuning (CPU, LLVM): tune, re-apply the log in a new process, bad logs, RPC.
+
+Every test writes its tuning logs and kernel cache into tmp folders
+(``TVM_FLASH_TUNING_LOGS``, ``TVM_FLASH_CACHE``), never into the repository.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from tvm_flash import tune
+from tvm_flash.build import Workload, cache_key, get_kernel, make_target
+from tvm_flash.reference import attention_ref
+
+WL = Workload(32, "float32", False)
+# Every knob set of this sub-space builds (block_m <= num_threads), so no tiny tune comes back empty.
+VALID = {"block_m": [16, 32], "block_n": [16, 32, 64], "num_threads": [32, 64]}
+
+
+@pytest.fixture
+def logs(tmp_path, monkeypatch):
+    root = tmp_path / "tuning_logs"
+    monkeypatch.setenv("TVM_FLASH_TUNING_LOGS", str(root))
+    monkeypatch.setenv("TVM_FLASH_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+def _check_kernel(kernel, causal=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 77, 32, generator=g) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 77)
+    kernel(q, k, v, out, lse, 32**-0.5)
+    ref, _ = attention_ref(q, k, v, causal=causal)
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, logging, sys, torch
+    logging.basicConfig(level=logging.INFO)
+    import tvm_flash
+    from tvm_flash import tune
+    from tvm_flash.build import Workload, cache_dir, cache_key, make_target
+    from tvm_flash.reference import attention_ref
+    wl, target = Workload(32, "float32", False), make_target("llvm")
+    knobs = tune.tuned_knobs(wl, target)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 100, 32, generator=g) for _ in range(3))
+    out = tvm_flash.attention(q, k, v)
+    err = (out.double() - attention_ref(q, k, v, causal=False)[0]).abs().max().item()
+    built = (cache_dir() / (cache_key(wl, target, knobs) + ".so")).exists()
+    print("RESULT", json.dumps({"knobs": knobs, "err": err, "built_with_knobs": built}))
+    """
+)
+
+
+def test_tune_then_reapply_in_new_process(logs):
+    target = tune.tune_target("llvm")
+    best = tune.tune(WL, target, trials=4, space=VALID)
+    folder = logs / "llvm" / "fwd_float32_d32"
+    assert (folder / "database_tuning_record.json").is_file()
+    records = (folder / "database_tuning_record.json").read_text().strip().splitlines()
+    assert len(records) == 1  # pruned to the best record
+    assert tune.list_logs() == [("llvm", "fwd_float32_d32")]
+
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["knobs"] == best  # the knobs came from the log ...
+    assert result["built_with_knobs"]  # ... and attention was built with them
+    assert result["err"] <= 1e-5
+    assert "tuned knobs for fwd_float32_d32 on llvm" in proc.stderr
+
+
+def test_no_log_means_defaults(logs, caplog):
+    with caplog.at_level(logging.INFO, logger="tvm_flash"):
+        assert tune.tuned_knobs(WL, make_target("llvm")) is None
+    assert "no tuning log for fwd_float32_d32 on llvm" in caplog.text
+
+
+def test_corrupt_log_falls_back_to_defaults(logs, caplog):
+    folder = logs / "llvm" / "fwd_float32_d32"
+    folder.mkdir(parents=True)
+    (folder / "database_workload.json").write_text("")
+    bad = folder / "database_tuning_record.json"
+    bad.write_text('[0, ["not a trace"\n')
+    target = make_target("llvm")
+    with caplog.at_level(logging.WARNING, logger="tvm_flash"):
+        assert tune.tuned_knobs(WL, target) is None
+        kernel = get_kernel(WL, target)
+    assert str(bad) in caplog.text and "using default knobs" in caplog.text
+    _check_kernel(kernel)
+
+    # Valid JSON that is no MetaSchedule record: also a warning naming the file, not an error.
+    bad.write_text('[0, ["nonsense"], 1]\n')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tvm_flash"):
+        assert tune.tuned_knobs(WL, target) is None
+    assert str(bad) in caplog.text
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(*args):
+    # A session of its own: the server forks workers, all stopped together by killpg.
+    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True)
+
+
+def _stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_tune_through_rpc_tracker(logs):
+    port, server_port, key = _free_port(), _free_port(), "tvm_flash_test"
+    procs = []
+    try:
+        procs.append(_start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)))
+        time.sleep(1)
+        procs.append(
+            _start(
+                "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1),
+                "--tracker", f"127.0.0.1:{port}", "--key", key,
+            )
+        )
+        import tvm.rpc
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                if key in tvm.rpc.connect_tracker("127.0.0.1", port).text_summary():
+                    break
+            except (RuntimeError, OSError):
+                pass
+            assert time.time() < deadline, "the RPC server did not register with the tracker"
+            time.sleep(0.5)
+        best = tune.tune(WL, tune.tune_target("llvm"), trials=2, rpc_tracker=f"127.0.0.1:{port}", rpc_key=key, space=VALID)
+        assert tune.tuned_knobs(WL, make_target("llvm")) == best
+    finally:
+        for p in reversed(procs):
+            _stop(p)

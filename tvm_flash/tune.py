@@ -1,0 +1,444 @@
+"""MetaSchedule tuning of the kernels' knobs, and lookup of the tuning logs at build time.
+
+Our kernels are generated per knob set (tile sizes, warps, pipeline stages... are
+construction-time parameters of the PrimFunc), so MetaSchedule cannot tile them with
+schedule primitives.  Instead it searches the knob space as *decisions of a trace*:
+
+- **Workload**: the scheduled function at default knobs, with its symbolic shapes bound to
+  one concrete bucket (``BUCKETS``: MetaSchedule allocates the runner's arguments from the
+  buffer shapes), ``scale`` bound to 1/sqrt(head_dim), and the attribute
+  ``"tvm_flash.workload"`` (JSON of the ``Workload``).  Its structural hash is the record's
+  identity: (head dim, dtype, causal, schedule source at default knobs); the folder is the target.
+- **Design space** (``ScheduleFn``): ``sample_categorical`` per knob of the schedule module's
+  ``KNOB_SPACE``, each decision recorded on the root block as ``tvm_flash.knob.<name>``.  No
+  schedule rules or postprocessors; ``MutateKnob`` re-samples one knob of a trace.
+- **Builder** (``f_build``): reads the workload attribute and the knob annotations and builds
+  the real, shape-generic kernel with ``build.compile_kernel`` (invalid knob combinations raise
+  ``ValueError``: a build error, the candidate is skipped).  Exported as a shared library.
+- **Runner**: LocalRunner, or RPCRunner through a tracker.  ``alloc_args`` allocates the
+  bucket's tensors and appends the float ``scale``; the evaluator calls ``flash_fwd``.  The
+  kernel then serves every shape at run time.
+- **Cost model**: ``XGBModel`` over ``KnobFeatures``: the knob vector of a candidate plus a bias.
+- **Database**: ``JSONDatabase`` in ``<tuning_logs>/<target tag>/<workload name>/`` pruned to
+  the best record.  ``tuned_knobs(workload, target)`` replays that record's trace on the
+  workload (zero trials) and returns its knobs; ``build.get_kernel`` uses them when no knobs
+  are given.  MetaSchedule is only imported when a log exists or when tuning.
+
+The tuning_logs folder: ``$TVM_FLASH_TUNING_LOGS``, else ``tuning_logs/`` of the source tree,
+else the installed ``tvm_flash.tuning_logs`` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.resources
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import tvm
+
+from .build import Workload, make_target, schedule_module, scheduled_func
+
+log = logging.getLogger("tvm_flash")
+
+KNOB_PREFIX = "tvm_flash.knob."
+WORKLOAD_ATTR = "tvm_flash.workload"
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+# Shapes (B, Hq, Hkv, Sq, Sk) the candidates are timed on, per target kind.
+BUCKETS = {"cuda": (4, 16, 16, 4096, 4096), "llvm": (1, 2, 2, 256, 256)}
+
+
+# ----------------------------------------------------------------------------- names and folders
+
+
+def target_tag(target: tvm.target.Target) -> str:
+    """Folder name of a target: "llvm", "cuda-sm_90"."""
+    kind = target.kind.name
+    if kind == "cuda":
+        arch = target.attrs.get("arch", "")
+        return f"cuda-{arch}" if arch else "cuda"
+    return kind
+
+
+def workload_name(workload: Workload) -> str:
+    return f"fwd_{workload.dtype}_d{workload.head_dim}{'_causal' if workload.causal else ''}"
+
+
+def logs_root() -> Path:
+    """The tuning_logs folder (env override, source tree, installed package)."""
+    env = os.environ.get("TVM_FLASH_TUNING_LOGS")
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parent.parent / "tuning_logs"
+    if source.is_dir():
+        return source
+    try:
+        return Path(str(importlib.resources.files("tvm_flash.tuning_logs")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent / "tuning_logs"
+
+
+def log_dir(workload: Workload, target: tvm.target.Target, root: Path | None = None) -> Path:
+    return (root or logs_root()) / target_tag(target) / workload_name(workload)
+
+
+def list_logs(root: Path | None = None) -> list[tuple[str, str]]:
+    """(target tag, workload name) of every tuning log present."""
+    root = root or logs_root()
+    found = []
+    if root.is_dir():
+        for rec in sorted(root.glob(f"*/*/{DB_FILES[1]}")):
+            found.append((rec.parent.parent.name, rec.parent.name))
+    return found
+
+
+# ----------------------------------------------------------------------------- workload and space
+
+
+def knob_space(workload: Workload, kind: str) -> dict[str, list[int]]:
+    return dict(schedule_module(kind, workload).KNOB_SPACE)
+
+
+def workload_mod(workload: Workload, target: tvm.target.Target) -> tvm.IRModule:
+    """The IRModule MetaSchedule tunes: default-knob kernel, shapes bound to the target's bucket."""
+    kind = target.kind.name
+    func = scheduled_func(workload, kind)
+    b, hq, hkv, sq, sk = BUCKETS[kind]
+    d, dt = workload.head_dim, workload.dtype
+    q, k, v, o, lse, scale = func.params
+    func = func.specialize(
+        {
+            q: tvm.tirx.decl_buffer((b, hq, sq, d), dt, "q"),
+            k: tvm.tirx.decl_buffer((b, hkv, sk, d), dt, "k"),
+            scale: tvm.tirx.const(1.0 / math.sqrt(d), "float32"),
+        }
+    )
+    func = func.with_attr(WORKLOAD_ATTR, json.dumps(dataclasses.asdict(workload), sort_keys=True))
+    return tvm.IRModule({"main": func})
+
+
+def _root_block(func):
+    return func.body.block
+
+
+def read_knobs(mod: tvm.IRModule) -> dict[str, int]:
+    """The knob annotations of a candidate's root block."""
+    ann = _root_block(mod["main"]).annotations
+    return {key[len(KNOB_PREFIX):]: int(val) for key, val in ann.items() if key.startswith(KNOB_PREFIX)}
+
+
+def read_workload(mod: tvm.IRModule) -> Workload:
+    return Workload(**json.loads(str(mod["main"].attrs[WORKLOAD_ATTR])))
+
+
+def make_space_fn(space: dict[str, list[int]]):
+    """The ScheduleFn body: sample every knob, annotate the root block with the decision."""
+
+    def sample_knobs(sch) -> None:
+        root = sch.get_sblock("root")
+        for name, cands in space.items():
+            rv = sch.sample_categorical(candidates=list(cands), probs=[1.0 / len(cands)] * len(cands))
+            sch.annotate(root, KNOB_PREFIX + name, rv)
+
+    return sample_knobs
+
+
+# ----------------------------------------------------------------------------- builder and runner (worker side)
+
+
+def f_build(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
+    """LocalBuilder worker: the real kernel for the candidate's knobs (no tensor intrinsics)."""
+    from .build import compile_kernel
+
+    return compile_kernel(read_workload(mod), target, read_knobs(mod))
+
+
+def f_export(lib) -> str:
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_flash_tune_"), "flash_fwd.so")
+    lib.export_library(path)
+    return path
+
+
+def _scale(args_info) -> float:
+    return 1.0 / math.sqrt(args_info[0][2][-1])
+
+
+def alloc_args_local(device, args_info, alloc_repeat):
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+
+    scale = _scale(args_info)
+    return [args + [scale] for args in default_alloc_argument(device, args_info, alloc_repeat)]
+
+
+def alloc_args_rpc(session, device, args_info, alloc_repeat):
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
+
+    scale = _scale(args_info)
+    return [args + [scale] for args in default_alloc_argument(session, device, args_info, alloc_repeat)]
+
+
+def run_local(rt_mod, device, config, repeated_args):
+    evaluator = rt_mod.time_evaluator(
+        "flash_fwd", device, number=config.number, repeat=config.repeat, min_repeat_ms=config.min_repeat_ms
+    )
+    costs = []
+    for args in repeated_args:
+        device.sync()
+        costs.extend(float(c) for c in evaluator(*args).results)
+    return costs
+
+
+def run_rpc(_session, rt_mod, device, config, repeated_args):
+    return run_local(rt_mod, device, config, repeated_args)
+
+
+# ----------------------------------------------------------------------------- search pieces (tuning side)
+
+
+@functools.lru_cache(maxsize=None)
+def _ms_classes():
+    """MetaSchedule subclasses, defined on first use so that importing this module stays cheap."""
+    import numpy as np
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class KnobFeatures(ms.feature_extractor.PyFeatureExtractor):
+        """One feature row per candidate: its knob values (in annotation order) and a bias 1."""
+
+        def extract_from(self, context, candidates):
+            out = []
+            for cand in candidates:
+                knobs = read_knobs(cand.sch.mod)
+                row = [float(knobs[k]) for k in sorted(knobs)] + [1.0]
+                out.append(tvm.runtime.tensor(np.array([row], dtype="float32")))
+            return out
+
+    @derived_object
+    class MutateKnob(ms.mutator.PyMutator):
+        """Re-sample one ``sample_categorical`` decision of a trace (a different candidate)."""
+
+        def __init__(self, seed: int = 0):
+            import random
+
+            self._rng = random.Random(seed)
+
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, trace, _rand_state):
+            insts = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+            if not insts:
+                return None
+            inst = self._rng.choice(insts)
+            n = len(inst.attrs[0])
+            if n < 2:
+                return None
+            old = int(trace.decisions[inst])
+            new = self._rng.choice([c for c in range(n) if c != old])
+            return trace.with_decision(inst, new, remove_postproc=True)
+
+        def clone(self):
+            return MutateKnob(self._rng.randrange(1 << 30))
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        """Prints trials done, this batch's best and the best so far."""
+
+        def __init__(self, total: int, echo):
+            self.total, self.echo, self.done, self.best = total, echo, 0, None
+            self.best_knobs, self.t0 = None, time.perf_counter()
+
+        def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            failed = 0
+            for cand, b, r in zip(candidates, builder_results, runner_results):
+                self.done += 1
+                if b.error_msg or r.error_msg or not r.run_secs:
+                    failed += 1
+                    continue
+                secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                if self.best is None or secs < self.best:
+                    self.best, self.best_knobs = secs, read_knobs(cand.sch.mod)
+            best = f"{self.best * 1e3:.3f} ms {self.best_knobs}" if self.best is not None else "none yet"
+            self.echo(
+                f"[tune] {self.done}/{self.total} trials ({failed} failed in this batch), "
+                f"best {best}, {time.perf_counter() - self.t0:.0f} s"
+            )
+
+    return KnobFeatures, MutateKnob, Progress
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def tune_target(kind: str, arch: str | None = None) -> tvm.target.Target:
+    """The target to tune for (MetaSchedule wants num-cores on llvm)."""
+    if kind == "llvm":
+        import psutil
+
+        return tvm.target.Target({"kind": "llvm", "num-cores": psutil.cpu_count(logical=False) or 1})
+    return make_target(kind, arch)
+
+
+def tune(
+    workload: Workload,
+    target: tvm.target.Target,
+    trials: int = 32,
+    *,
+    trials_per_iter: int | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    root: Path | None = None,
+    space: dict[str, list[int]] | None = None,
+    seed: int = 1,
+    echo=print,
+) -> dict:
+    """Tune the knobs of a workload; write the pruned log; return the best knobs.
+
+    ``space`` narrows the schedule module's ``KNOB_SPACE`` (knobs left out keep their defaults)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    KnobFeatures, MutateKnob, Progress = _ms_classes()
+    kind = target.kind.name
+    mod = workload_mod(workload, target)
+    space = space or knob_space(workload, kind)
+    ncand = math.prod(len(c) for c in space.values())
+    trials = min(trials, ncand)
+    per_iter = min(trials_per_iter or trials, trials)
+    if kind == "cuda":
+        evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    else:
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    if rpc_tracker:
+        host, port = rpc_tracker.rsplit(":", 1)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key, session_timeout_sec=120)
+        runner = ms.runner.RPCRunner(
+            config, evaluator, f_alloc_argument=alloc_args_rpc, f_run_evaluator=run_rpc, max_workers=1
+        )
+    else:
+        runner = ms.runner.LocalRunner(
+            timeout_sec=120, evaluator_config=evaluator, f_alloc_argument=alloc_args_local, f_run_evaluator=run_local
+        )
+    builder = ms.builder.LocalBuilder(
+        f_build=f_build, f_export=f_export, timeout_sec=300, max_workers=max(1, min(4, (os.cpu_count() or 2) // 2))
+    )
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=max(16, 2 * per_iter), init_measured_ratio=0.0, init_min_unmeasured=max(8, per_iter),
+        genetic_num_iters=2,
+    )
+    progress = Progress(trials, echo)
+    echo(f"[tune] {workload_name(workload)} on {target_tag(target)}: {trials} trials over {ncand} knob sets {space}")
+    with tempfile.TemporaryDirectory(prefix="tvm_flash_tune_") as work_dir, _no_tensor_intrinsics():
+        db = ms.tune_tir(
+            mod,
+            target,
+            work_dir,
+            max_trials_global=trials,
+            num_trials_per_iter=per_iter,
+            space=ms.space_generator.ScheduleFn(
+                make_space_fn(space), sch_rules=[], postprocs=[], mutator_probs={MutateKnob(seed): 1.0}
+            ),
+            builder=builder,
+            runner=runner,
+            cost_model=ms.cost_model.XGBModel(extractor=KnobFeatures(), num_warmup_samples=0, adaptive_training=False),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            strategy=strategy,
+            num_tuning_cores=1,
+            seed=seed,
+        )
+        best = db.get_top_k(db.commit_workload(mod), 1)
+        if not best:
+            raise RuntimeError(f"tuning {workload_name(workload)}: no candidate built and ran successfully")
+        _write_pruned(best[0], mod, log_dir(workload, target, root))
+    knobs = _knobs_of(best[0].trace, mod)
+    echo(f"[tune] best {sum(float(s) for s in best[0].run_secs) / len(best[0].run_secs) * 1e3:.3f} ms: {knobs}")
+    echo(f"[tune] log: {log_dir(workload, target, root)}")
+    return knobs
+
+
+@contextlib.contextmanager
+def _no_tensor_intrinsics():
+    """``TuneContext`` imports ``tvm.s_tir.tensor_intrin`` (parses ~250 intrinsics: 25-90 s).
+    Our space uses none, so a stub stands in for it while tuning (unless it is loaded already)."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _write_pruned(record, mod: tvm.IRModule, folder: Path) -> None:
+    """A fresh JSONDatabase holding only ``record``, moved into ``folder`` file by file."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp_") as tmp:
+        db = ms.database.JSONDatabase(work_dir=tmp)
+        wl = db.commit_workload(mod)
+        db.commit_tuning_record(ms.database.TuningRecord(record.trace, wl, record.run_secs, record.target, record.args_info))
+        for name in DB_FILES:
+            os.replace(os.path.join(tmp, name), folder / name)
+
+
+def _knobs_of(trace, mod: tvm.IRModule) -> dict[str, int]:
+    sch = tvm.s_tir.Schedule(mod)
+    trace.apply_to_schedule(sch, remove_postproc=True)
+    return read_knobs(sch.mod)
+
+
+# ----------------------------------------------------------------------------- lookup (build side)
+
+
+def tuned_knobs(workload: Workload, target: tvm.target.Target, root: Path | None = None) -> dict | None:
+    """Knobs of the best tuning record of a workload on a target, or None (defaults apply).
+
+    Never raises on a missing, corrupt or stale log: it logs why and returns None."""
+    folder = log_dir(workload, target, root)
+    if not (folder / DB_FILES[1]).is_file():
+        log.info("tvm_flash: no tuning log for %s on %s (%s); using default knobs", workload_name(workload), target_tag(target), folder)
+        return None
+    for name in DB_FILES:
+        path = folder / name
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        json.loads(line)
+        except (OSError, ValueError) as err:
+            log.warning("tvm_flash: tuning log %s is unreadable (%s); using default knobs", path, err)
+            return None
+    try:
+        from tvm.s_tir import meta_schedule as ms
+
+        db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
+        mod = workload_mod(workload, target)
+        record = db.query_tuning_record(mod, target, "main")
+        if record is None:
+            log.warning(
+                "tvm_flash: tuning log %s has no record for this kernel (tuned with other kernel code?); using default knobs",
+                folder / DB_FILES[1],
+            )
+            return None
+        knobs = _knobs_of(record.trace, mod)
+        unknown = set(knobs) - set(knob_space(workload, target.kind.name))
+        if unknown or not knobs:
+            raise ValueError(f"knobs {sorted(unknown) or '(none)'} not in the schedule's knob space")
+    except Exception as err:  # noqa: BLE001 - a bad log must never break attention
+        log.warning("tvm_flash: tuning log %s could not be applied (%s: %s); using default knobs", folder / DB_FILES[1], type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
+    log.info("tvm_flash: tuned knobs for %s on %s: %s", workload_name(workload), target_tag(target), knobs)
+    return knobs
