@@ -31,6 +31,15 @@ def test_custom_scale():
     assert_accurate(q, k, v, causal=False, scale=0.3)
 
 
+def test_numpy_scalar_scale_is_accepted():
+    import numpy as np
+
+    q, k, v = rand_qkv(1, 2, 2, 20, 20, 32, torch.float32, seed=9)
+    ref, _ = attention_ref(q, k, v, scale=0.25)
+    out = tvm_flash.attention(q, k, v, scale=np.float32(0.25))
+    assert (out.double() - ref).abs().max().item() <= 1e-5
+
+
 def test_huge_logits_stay_finite():
     # q.k ~ 1e4 after scaling: max-subtraction must keep exp() in range.
     q, k, v = rand_qkv(1, 2, 2, 40, 40, 64, torch.float32, seed=5)
