@@ -3,9 +3,6 @@
 ``get_kernel(workload, target)`` returns a callable PackedFunc
 ``flash_fwd(q, k, v, o, lse, scale)``.  Lookup order:
 
-Without explicit knobs the kernel uses the workload's tuning log (``tvm_flash.tune``),
-else the schedule's default knobs; the knobs are part of the cache key.
-
 1. this process's memory;
 2. the disk cache: ``<cache>/<key>.so`` where the key hashes the workload,
    the target, the TVM version and the source of the compute and schedule
@@ -15,6 +12,9 @@ else the schedule's default knobs; the knobs are part of the cache key.
    processes building the same kernel never see a half-written file.
 
 The cache folder is ``$TVM_FLASH_CACHE`` or ``~/.cache/tvm_flash``.
+
+Without explicit knobs the kernel uses the workload's tuning log (``tvm_flash.tune``),
+else the schedule's default knobs; the knobs are part of the cache key.
 """
 
 from __future__ import annotations
