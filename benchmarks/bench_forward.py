@@ -68,7 +68,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DEVICE = "cuda"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("tvm_flash", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff")
-SHORT = {"tvm_flash": "tvm", "naive": "naive", "sdpa_flash": "fa2",
+OPTIONAL = ("tvm_default",)  # tvm_flash with the schedule's default knobs, ignoring tuning logs
+SHORT = {"tvm_flash": "tvm", "tvm_default": "tvm-def", "naive": "naive", "sdpa_flash": "fa2",
          "sdpa_cudnn": "cudnn", "sdpa_mem_eff": "meff"}
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -160,12 +161,27 @@ def make_sdpa(q, k, v, causal):
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def make_tvm_default(q, k, v, causal):
+    """tvm_flash's kernel built with the schedule's default knobs (tuning logs ignored)."""
+    from tvm_flash.build import Workload, effective_knobs, get_kernel, make_target
+
+    major, minor = torch.cuda.get_device_capability(q.device)
+    wl = Workload(q.shape[-1], str(q.dtype).removeprefix("torch."), bool(causal))
+    kernel = get_kernel(wl, make_target("cuda", f"sm_{major}{minor}"), effective_knobs(wl, "cuda", None))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return lambda: (kernel(q, k, v, out, lse, scale), out)[1]
+
+
 def build_impls(names, tvm_module, tvm_error) -> list[Impl]:
     impls = []
     for name in names:
         if name == "tvm_flash":
             make = (lambda q, k, v, causal: lambda: tvm_module.attention(q, k, v, causal=causal))
             impls.append(Impl(name, make, unavailable=tvm_error))
+        elif name == "tvm_default":
+            impls.append(Impl(name, make_tvm_default, unavailable=tvm_error))
         elif name == "naive":
             impls.append(Impl(name, make_naive))
         else:
@@ -546,7 +562,7 @@ def run_metadata(args, argv: list[str], tvm_error: str | None) -> dict:
 
 def parse_impls(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(IMPLS))
+    unknown = sorted(set(names) - set(IMPLS) - set(OPTIONAL))
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown implementation(s) {unknown}; choose from {','.join(IMPLS)}")
     return names
@@ -605,7 +621,7 @@ def report_stem(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    tvm_module, tvm_error = (import_tvm_flash() if "tvm_flash" in args.impls else (None, None))
+    tvm_module, tvm_error = (import_tvm_flash() if {"tvm_flash", "tvm_default"} & set(args.impls) else (None, None))
     if tvm_error:
         print(f"WARNING: {tvm_error} -- benchmarking the others", flush=True)
     impls = build_impls(args.impls, tvm_module, tvm_error)

@@ -70,6 +70,8 @@ def test_tune_then_reapply_in_new_process(logs):
     assert (folder / "database_tuning_record.json").is_file()
     records = (folder / "database_tuning_record.json").read_text().strip().splitlines()
     assert len(records) == 1  # pruned to the best record
+    size = sum((folder / name).stat().st_size for name in tune.DB_FILES)
+    assert size < 64_000, f"log is {size} bytes: the records must stay small (the tree travels to the GPU box)"
     assert tune.list_logs() == [("llvm", "fwd_float32_d32")]
 
     proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=os.environ)
@@ -158,3 +160,9 @@ def test_tune_through_rpc_tracker(logs):
     finally:
         for p in reversed(procs):
             _stop(p)
+
+
+def test_cli_rejects_bad_gqa(logs):
+    from tvm_flash.cli import main
+
+    assert main(["tune", "--target", "llvm", "--head-dim", "32", "--gqa", "3", "--trials", "1"]) == 2

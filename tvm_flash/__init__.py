@@ -2,12 +2,15 @@
 
 Layers, top-down: ``compute`` (the attention algorithm in TensorIR) →
 ``schedules`` (how it runs on CPU / CUDA) → ``build`` (compile, export,
-disk cache) → ``ops`` (the torch API).  ``reference`` is the float64
+disk cache; ``tune`` picks knobs) → ``ops`` (the torch API).  ``runtime`` loads
+exported kernels without the TVM compiler: importing tvm_flash imports no TVM;
+the compiler is imported on the first kernel that must be built.  ``reference`` is the float64
 reference every test compares against.
 
     import tvm_flash
     out = tvm_flash.attention(q, k, v, causal=True)                  # [B, H, S, D]
     out = tvm_flash.scaled_dot_product_attention(q, k, v, is_causal=True)
+    tvm_flash.load("exported/")   # kernels from `tvm-flash export`, no TVM compiler
 """
 
 import importlib.util as _ilu
@@ -19,7 +22,8 @@ __version__ = "0.1.0"
 
 def _mount_source_schedules():
     """Installed, ``schedules/`` ships as ``tvm_flash.schedules``; in a source
-    tree used through PYTHONPATH it sits beside this package: mount it there."""
+    tree used through PYTHONPATH it sits beside this package: mount it there
+    (called by ``build``: the schedules import the TVM compiler)."""
     if _ilu.find_spec("tvm_flash.schedules") is not None:
         return
     folder = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), _os.pardir, "schedules")
@@ -31,8 +35,7 @@ def _mount_source_schedules():
     spec.loader.exec_module(module)
 
 
-_mount_source_schedules()
-
 from .ops import attention, scaled_dot_product_attention  # noqa: E402
+from .runtime import load  # noqa: E402
 
-__all__ = ["attention", "scaled_dot_product_attention", "__version__"]
+__all__ = ["attention", "scaled_dot_product_attention", "load", "__version__"]

@@ -13,6 +13,10 @@
 
 The cache folder is ``$TVM_FLASH_CACHE`` or ``~/.cache/tvm_flash``.
 
+``export(workloads, target, folder)`` (``tvm-flash export``) builds several
+workloads into one library plus a manifest that ``tvm_flash.load`` (``runtime``)
+opens without the TVM compiler.
+
 Without explicit knobs the kernel uses the workload's tuning log (``tvm_flash.tune``),
 else the schedule's default knobs; the knobs are part of the cache key.
 """
@@ -20,6 +24,7 @@ else the schedule's default knobs; the knobs are part of the cache key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import inspect
@@ -32,18 +37,13 @@ from pathlib import Path
 
 import tvm
 
-from . import compute
+from . import __version__, _mount_source_schedules, compute
+from .workload import Workload
+
+__all__ = ["Workload", "cache_dir", "compile_kernel", "export", "get_kernel", "make_target"]
 
 log = logging.getLogger("tvm_flash")
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What a compiled kernel is specialized for (everything else is symbolic)."""
-
-    head_dim: int
-    dtype: str  # "float32" | "float16" | "bfloat16"
-    causal: bool
+_mount_source_schedules()
 
 
 def make_target(kind: str, arch: str | None = None) -> tvm.target.Target:
@@ -146,3 +146,62 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, knob
         if os.path.exists(tmp):
             os.unlink(tmp)
     return tvm.runtime.load_module(str(path))["flash_fwd"]
+
+
+def effective_knobs(workload: Workload, kind: str, knobs: dict | None) -> dict:
+    """The knobs a kernel is built with: ``knobs`` over the schedule's defaults."""
+    sched = schedule_module(kind, workload)
+    try:
+        defaults = sched.default_knobs(workload.head_dim, workload.dtype, workload.causal)
+    except TypeError:  # schedules whose defaults do not depend on causality
+        defaults = sched.default_knobs(workload.head_dim, workload.dtype)
+    return {k: (int(v) if isinstance(v, bool) else v) for k, v in {**defaults, **(knobs or {})}.items()}
+
+
+def export(workloads, target: tvm.target.Target, folder) -> Path:
+    """Build ``workloads`` (knobs from their tuning logs, else defaults) into
+    ``folder/kernels.so`` + ``folder/manifest.json`` for ``tvm_flash.load``.
+
+    Files are written under temporary names and moved into place, the manifest last."""
+    from . import runtime
+    from .tune import tuned_knobs
+
+    workloads = list(dict.fromkeys(workloads))
+    if not workloads:
+        raise ValueError("export: no workloads given")
+    kind = target.kind.name
+    funcs, entries = {}, []
+    for wl in workloads:
+        knobs = tuned_knobs(wl, target)
+        funcs[wl.name] = scheduled_func(wl, kind, knobs).with_attr("global_symbol", wl.name)
+        entries.append(
+            {"name": wl.name, **dataclasses.asdict(wl), "knobs": effective_knobs(wl, kind, knobs), "tuned": knobs is not None}
+        )
+    log.info("tvm_flash: exporting %d kernels for %s", len(funcs), target)
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": runtime.FORMAT,
+        "tvm_flash": __version__,
+        "tvm": tvm.__version__,
+        "target": str(target),
+        "target_kind": kind,
+        "arch": str(target.attrs.get("arch", "")) if kind == "cuda" else "",
+        "library": runtime.LIBRARY,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kernels": entries,
+    }
+    for name, write in ((runtime.LIBRARY, lib.export_library), (runtime.MANIFEST, None)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+        os.close(fd)
+        try:
+            if write is None:
+                Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
+            else:
+                write(tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return folder

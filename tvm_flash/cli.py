@@ -1,9 +1,12 @@
-"""Command line: ``tvm-flash demo`` (also ``python -m tvm_flash``), ``tvm-flash info`` and ``tvm-flash tune``.
+"""Command line: ``tvm-flash demo|info|tune|export`` (also ``python -m tvm_flash``).
 
 ``demo`` runs attention on a default shape on CUDA when present (else the
 CPU), checks it against the float64 reference and prints the error and
 TFLOP/s beside torch's ``F.scaled_dot_product_attention``.  ``tune`` searches a
 workload's kernel knobs with MetaSchedule and writes its tuning log (``tvm_flash.tune``).
+``export`` builds workloads from their logs into a folder that ``tvm_flash.load``
+opens without the TVM compiler (``build.export``, ``runtime``).  ``info`` prints
+versions, the target, the tuned workloads and the cache location.
 """
 
 from __future__ import annotations
@@ -84,6 +87,16 @@ def info(args) -> int:
     from tvm_flash.build import cache_dir
 
     print(f"tvm_flash {tvm_flash.__version__}, TVM {tvm.__version__}, CUDA runtime enabled: {tvm.runtime.enabled('cuda')}")
+    target = "llvm (CPU)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            target = f"cuda sm_{major}{minor} ({torch.cuda.get_device_name()})"
+    except ImportError:
+        pass
+    print(f"target here: {target}")
     print(f"kernel cache: {cache_dir()}")
     from tvm_flash.tune import list_logs, logs_root
 
@@ -91,6 +104,30 @@ def info(args) -> int:
     print(f"tuning logs: {logs_root()} ({len(logs)} tuned workload{'s' if len(logs) != 1 else ''})")
     for tag, name in logs:
         print(f"  {tag:12s} {name}")
+    return 0
+
+
+def _workloads(args):
+    from tvm_flash.build import Workload
+
+    causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    return [Workload(d, DTYPES[t], c) for d in args.head_dim for t in args.dtype for c in causal]
+
+
+def export(args) -> int:
+    from tvm_flash import tune as tuning
+    from tvm_flash.build import export as build_export
+
+    target = tuning.tune_target(args.target, args.arch) if args.target == "llvm" else tuning.make_target("cuda", args.arch)
+    workloads = _workloads(args)
+    t0 = time.perf_counter()
+    folder = build_export(workloads, target, args.out)
+    print(f"exported {len(workloads)} kernels for {tuning.target_tag(target)} to {folder} in {time.perf_counter() - t0:.0f} s:")
+    import json
+
+    for entry in json.loads((folder / "manifest.json").read_text())["kernels"]:
+        print(f"  {entry['name']:28s} {'tuned' if entry['tuned'] else 'default'} knobs {entry['knobs']}")
+    print(f"use: tvm_flash.load({str(folder)!r}) (or TVM_FLASH_KERNELS={folder}); no TVM compiler needed")
     return 0
 
 
@@ -105,10 +142,14 @@ def tune(args) -> int:
     workload = Workload(args.head_dim, dtype, args.causal)
     target = tuning.tune_target(args.target, args.arch)
     t0 = time.perf_counter()
-    knobs = tuning.tune(
-        workload, target, args.trials, trials_per_iter=args.trials_per_iter,
-        rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
-    )
+    try:
+        knobs = tuning.tune(
+            workload, target, args.trials, trials_per_iter=args.trials_per_iter, gqa=args.gqa,
+            rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+        )
+    except ValueError as err:
+        print(f"tvm-flash tune: {err}", file=sys.stderr)
+        return 2
     print(f"tuned {tuning.workload_name(workload)} on {tuning.target_tag(target)} in {time.perf_counter() - t0:.0f} s: {knobs}")
     return 0
 
@@ -131,12 +172,21 @@ def main(argv=None) -> int:
     t.add_argument("--head-dim", type=int, required=True)
     t.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on llvm")
     t.add_argument("--causal", action="store_true")
+    t.add_argument("--gqa", type=int, default=1, metavar="G",
+                   help="time with G query heads per key/value head (the log serves every G)")
     t.add_argument("--trials", type=int, default=32)
     t.add_argument("--trials-per-iter", type=int, help="candidates built and timed per batch (default: all at once)")
     t.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
     t.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time candidates on the RPC fleet behind this tracker")
     t.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers")
+    e = sub.add_parser("export", help="build workloads from their tuning logs into DIR for tvm_flash.load (no compiler)")
+    e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    e.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp16"])
+    e.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    e.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
+    e.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
     args = parser.parse_args(argv)
     if args.cmd in (None, "demo"):
         if args.cmd is None:
@@ -144,6 +194,8 @@ def main(argv=None) -> int:
         return demo(args)
     if args.cmd == "tune":
         return tune(args)
+    if args.cmd == "export":
+        return export(args)
     return info(args)
 
 

@@ -18,7 +18,8 @@ import numbers
 
 import torch
 
-from .build import Workload, get_kernel, make_target
+from . import runtime
+from .workload import Workload
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
@@ -68,12 +69,23 @@ def _aligned(t):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_type: str, device_index, workload: Workload):
-    """The compiled kernel for a workload on a device (looked up once per process)."""
-    if device_type == "cpu":
-        target = make_target("llvm")
-    else:
+    """The kernel for a workload on a device (looked up once per process): an exported
+    kernel loaded by ``tvm_flash.load`` when there is one, else a cached or fresh build."""
+    arch = ""
+    if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(device_index)
-        target = make_target("cuda", f"sm_{major}{minor}")
+        arch = f"sm_{major}{minor}"
+    kernel = runtime.exported_kernel(device_type, arch, workload)
+    if kernel is not None:
+        return kernel
+    try:
+        from .build import get_kernel, make_target  # imports the TVM compiler
+    except ImportError as err:
+        raise RuntimeError(
+            f"tvm_flash: no exported kernel loaded for {workload.name} on {device_type} {arch}, and building one "
+            f"needs the TVM compiler, which failed to import ({err})"
+        ) from err
+    target = make_target("llvm") if device_type == "cpu" else make_target("cuda", arch)
     return get_kernel(workload, target)
 
 

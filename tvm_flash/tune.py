@@ -46,12 +46,13 @@ from pathlib import Path
 
 import tvm
 
-from .build import Workload, make_target, schedule_module, scheduled_func
+from .build import Workload, make_target, schedule_module
 
 log = logging.getLogger("tvm_flash")
 
 KNOB_PREFIX = "tvm_flash.knob."
 WORKLOAD_ATTR = "tvm_flash.workload"
+SPACE_ATTR = "tvm_flash.knob_space"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 # Shapes (B, Hq, Hkv, Sq, Sk) the candidates are timed on, per target kind.
@@ -71,7 +72,7 @@ def target_tag(target: tvm.target.Target) -> str:
 
 
 def workload_name(workload: Workload) -> str:
-    return f"fwd_{workload.dtype}_d{workload.head_dim}{'_causal' if workload.causal else ''}"
+    return workload.name
 
 
 def logs_root() -> Path:
@@ -109,21 +110,34 @@ def knob_space(workload: Workload, kind: str) -> dict[str, list[int]]:
     return dict(schedule_module(kind, workload).KNOB_SPACE)
 
 
-def workload_mod(workload: Workload, target: tvm.target.Target) -> tvm.IRModule:
-    """The IRModule MetaSchedule tunes: default-knob kernel, shapes bound to the target's bucket."""
+def workload_mod(workload: Workload, target: tvm.target.Target, bucket: tuple | None = None) -> tvm.IRModule:
+    """The IRModule MetaSchedule tunes: a small stand-in for the kernel.
+
+    Its parameters are the kernel's tensors at the bucket's shapes (the runner allocates
+    them from these); its attributes name the workload and the knob space (the builder
+    builds the real kernel from them).  Its body is a placeholder: the records stay small
+    (a few KB) and do not go stale when the kernel's code changes; a knob a newer schedule
+    no longer has is caught when the log is applied."""
+    from tvm.script import tirx as T
+
     kind = target.kind.name
-    func = scheduled_func(workload, kind)
-    b, hq, hkv, sq, sk = BUCKETS[kind]
+    b, hq, hkv, sq, sk = bucket or BUCKETS[kind]
     d, dt = workload.head_dim, workload.dtype
-    q, k, v, o, lse, scale = func.params
-    func = func.specialize(
-        {
-            q: tvm.tirx.decl_buffer((b, hq, sq, d), dt, "q"),
-            k: tvm.tirx.decl_buffer((b, hkv, sk, d), dt, "k"),
-            scale: tvm.tirx.const(1.0 / math.sqrt(d), "float32"),
-        }
-    )
-    func = func.with_attr(WORKLOAD_ATTR, json.dumps(dataclasses.asdict(workload), sort_keys=True))
+
+    @T.prim_func(s_tir=True)
+    def main(
+        q: T.Buffer((b, hq, sq, d), dt),
+        k: T.Buffer((b, hkv, sk, d), dt),
+        v: T.Buffer((b, hkv, sk, d), dt),
+        o: T.Buffer((b, hq, sq, d), dt),
+        lse: T.Buffer((b, hq, sq), "float32"),
+    ):
+        T.func_attr({"global_symbol": "main"})  # as tune_tir normalizes it: one structural hash
+        with T.sblock("root"):
+            lse[0, 0, 0] = T.float32(0)
+
+    func = main.with_attr(WORKLOAD_ATTR, json.dumps(dataclasses.asdict(workload), sort_keys=True))
+    func = func.with_attr(SPACE_ATTR, json.dumps(knob_space(workload, kind), sort_keys=True))
     return tvm.IRModule({"main": func})
 
 
@@ -141,13 +155,16 @@ def read_workload(mod: tvm.IRModule) -> Workload:
     return Workload(**json.loads(str(mod["main"].attrs[WORKLOAD_ATTR])))
 
 
-def make_space_fn(space: dict[str, list[int]]):
-    """The ScheduleFn body: sample every knob, annotate the root block with the decision."""
+def make_space_fn(space: dict[str, list[int]], fixed: dict | None = None):
+    """The ScheduleFn body: sample every knob, annotate the root block with the decision.
+    ``fixed`` pins knobs to given values (a trace of that one knob set)."""
 
     def sample_knobs(sch) -> None:
         root = sch.get_sblock("root")
         for name, cands in space.items():
-            rv = sch.sample_categorical(candidates=list(cands), probs=[1.0 / len(cands)] * len(cands))
+            cands = [int(c) for c in cands]
+            decision = cands.index(int(fixed[name])) if fixed and name in fixed else None
+            rv = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands), decision=decision)
             sch.annotate(root, KNOB_PREFIX + name, rv)
 
     return sample_knobs
@@ -253,11 +270,11 @@ def _ms_classes():
 
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
-        """Prints trials done, this batch's best and the best so far."""
+        """Prints trials done, failures, the best time and TFLOP/s so far, and an ETA."""
 
-        def __init__(self, total: int, echo):
-            self.total, self.echo, self.done, self.best = total, echo, 0, None
-            self.best_knobs, self.t0 = None, time.perf_counter()
+        def __init__(self, total: int, echo, flops: float, best: float | None = None, best_knobs=None):
+            self.total, self.echo, self.done, self.flops = total, echo, 0, flops
+            self.best, self.best_knobs, self.t0 = best, best_knobs, time.perf_counter()
 
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
             failed = 0
@@ -269,10 +286,15 @@ def _ms_classes():
                 secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 if self.best is None or secs < self.best:
                     self.best, self.best_knobs = secs, read_knobs(cand.sch.mod)
-            best = f"{self.best * 1e3:.3f} ms {self.best_knobs}" if self.best is not None else "none yet"
+            best = (
+                f"{self.best * 1e3:.3f} ms = {self.flops / self.best / 1e12:.3g} TFLOP/s {self.best_knobs}"
+                if self.best is not None else "none yet"
+            )
+            spent = time.perf_counter() - self.t0
+            eta = spent / self.done * max(0, self.total - self.done)
             self.echo(
                 f"[tune] {self.done}/{self.total} trials ({failed} failed in this batch), "
-                f"best {best}, {time.perf_counter() - self.t0:.0f} s"
+                f"best {best}, {spent:.0f} s, ETA {eta:.0f} s"
             )
 
     return KnobFeatures, MutateKnob, Progress
@@ -290,12 +312,18 @@ def tune_target(kind: str, arch: str | None = None) -> tvm.target.Target:
     return make_target(kind, arch)
 
 
+def bucket_flops(workload: Workload, bucket: tuple) -> float:
+    b, hq, _, sq, sk = bucket
+    return 4.0 * b * hq * sq * sk * workload.head_dim / (2 if workload.causal else 1)
+
+
 def tune(
     workload: Workload,
     target: tvm.target.Target,
     trials: int = 32,
     *,
     trials_per_iter: int | None = None,
+    gqa: int = 1,
     rpc_tracker: str | None = None,
     rpc_key: str | None = None,
     root: Path | None = None,
@@ -305,12 +333,20 @@ def tune(
 ) -> dict:
     """Tune the knobs of a workload; write the pruned log; return the best knobs.
 
-    ``space`` narrows the schedule module's ``KNOB_SPACE`` (knobs left out keep their defaults)."""
+    The schedule's default knobs are measured first and stay in the database, so the log
+    never holds a knob set slower than the defaults on the bucket.  ``gqa`` times the
+    candidates with that many query heads per key/value head (the log serves every group
+    size: the kernel is the same).  ``space`` narrows the schedule module's ``KNOB_SPACE``
+    (knobs left out keep their defaults)."""
     from tvm.s_tir import meta_schedule as ms
 
     KnobFeatures, MutateKnob, Progress = _ms_classes()
     kind = target.kind.name
-    mod = workload_mod(workload, target)
+    b, hq, _, sq, sk = BUCKETS[kind]
+    if gqa < 1 or hq % gqa:
+        raise ValueError(f"--gqa must divide the bucket's {hq} query heads, got {gqa}")
+    bucket = (b, hq, hq // gqa, sq, sk)
+    mod = workload_mod(workload, target, bucket)
     space = space or knob_space(workload, kind)
     ncand = math.prod(len(c) for c in space.values())
     trials = min(trials, ncand)
@@ -330,16 +366,22 @@ def tune(
             timeout_sec=120, evaluator_config=evaluator, f_alloc_argument=alloc_args_local, f_run_evaluator=run_local
         )
     builder = ms.builder.LocalBuilder(
-        f_build=f_build, f_export=f_export, timeout_sec=300, max_workers=max(1, min(4, (os.cpu_count() or 2) // 2))
+        f_build=f_build, f_export=f_export, timeout_sec=300, max_workers=max(1, min(8, (os.cpu_count() or 2) // 2))
     )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=max(16, 2 * per_iter), init_measured_ratio=0.0, init_min_unmeasured=max(8, per_iter),
         genetic_num_iters=2,
     )
-    progress = Progress(trials, echo)
-    echo(f"[tune] {workload_name(workload)} on {target_tag(target)}: {trials} trials over {ncand} knob sets {space}")
+    flops = bucket_flops(workload, bucket)
+    echo(f"[tune] {workload_name(workload)} on {target_tag(target)}, bucket B,Hq,Hkv,Sq,Sk={bucket}: "
+         f"{trials} trials over {ncand} knob sets {space}")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tvm_flash_tune_") as work_dir, _no_tensor_intrinsics():
-        db = ms.tune_tir(
+        db = ms.database.JSONDatabase(work_dir=work_dir)
+        default_secs = _measure_defaults(db, mod, target, space, builder, runner, echo)
+        default_knobs = _knobs_in_space(workload, kind, space)
+        progress = Progress(trials, echo, flops, default_secs, default_knobs if default_secs else None)
+        ms.tune_tir(
             mod,
             target,
             work_dir,
@@ -350,6 +392,7 @@ def tune(
             ),
             builder=builder,
             runner=runner,
+            database=db,
             cost_model=ms.cost_model.XGBModel(extractor=KnobFeatures(), num_warmup_samples=0, adaptive_training=False),
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
             strategy=strategy,
@@ -361,9 +404,48 @@ def tune(
             raise RuntimeError(f"tuning {workload_name(workload)}: no candidate built and ran successfully")
         _write_pruned(best[0], mod, log_dir(workload, target, root))
     knobs = _knobs_of(best[0].trace, mod)
-    echo(f"[tune] best {sum(float(s) for s in best[0].run_secs) / len(best[0].run_secs) * 1e3:.3f} ms: {knobs}")
-    echo(f"[tune] log: {log_dir(workload, target, root)}")
+    secs = _mean(best[0].run_secs)
+    vs = f" (defaults {default_secs * 1e3:.3f} ms: {default_secs / secs:.3f}x)" if default_secs else ""
+    echo(f"[tune] best {secs * 1e3:.3f} ms = {flops / secs / 1e12:.3g} TFLOP/s{vs}: {knobs}")
+    echo(f"[tune] log: {log_dir(workload, target, root)} ({time.perf_counter() - t0:.0f} s)")
     return knobs
+
+
+def _mean(run_secs) -> float:
+    return sum(float(s) for s in run_secs) / len(run_secs)
+
+
+def _knobs_in_space(workload: Workload, kind: str, space: dict) -> dict:
+    from .build import effective_knobs
+
+    return {k: int(v) for k, v in effective_knobs(workload, kind, None).items() if k in space}
+
+
+def _measure_defaults(db, mod, target, space, builder, runner, echo) -> float | None:
+    """Build and time the schedule's default knobs; commit the record to ``db``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    knobs = _knobs_in_space(read_workload(mod), target.kind.name, space)
+    if any(int(knobs[k]) not in [int(c) for c in space[k]] for k in knobs):
+        return None  # the defaults are outside a narrowed space
+    sch = tvm.s_tir.Schedule(mod)
+    make_space_fn(space, knobs)(sch)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        echo(f"[tune] the default knobs failed to build: {built.error_msg.splitlines()[-1]}")
+        return None
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+    result = future.result()
+    if result.error_msg or not result.run_secs:
+        echo(f"[tune] the default knobs failed to run: {(result.error_msg or 'no times').splitlines()[-1]}")
+        return None
+    secs = _mean(result.run_secs)
+    wl = db.commit_workload(mod)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, [float(s) for s in result.run_secs], target, args_info))
+    echo(f"[tune] defaults {knobs}: {secs * 1e3:.3f} ms")
+    return secs
 
 
 @contextlib.contextmanager
@@ -406,9 +488,11 @@ def _knobs_of(trace, mod: tvm.IRModule) -> dict[str, int]:
 def tuned_knobs(workload: Workload, target: tvm.target.Target, root: Path | None = None) -> dict | None:
     """Knobs of the best tuning record of a workload on a target, or None (defaults apply).
 
-    Never raises on a missing, corrupt or stale log: it logs why and returns None."""
+    Never raises on a missing, corrupt or stale log: it logs why (naming the file) and
+    returns None."""
     folder = log_dir(workload, target, root)
-    if not (folder / DB_FILES[1]).is_file():
+    rec_path = folder / DB_FILES[1]
+    if not rec_path.is_file():
         log.info("tvm_flash: no tuning log for %s on %s (%s); using default knobs", workload_name(workload), target_tag(target), folder)
         return None
     for name in DB_FILES:
@@ -425,20 +509,21 @@ def tuned_knobs(workload: Workload, target: tvm.target.Target, root: Path | None
         from tvm.s_tir import meta_schedule as ms
 
         db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=False)
-        mod = workload_mod(workload, target)
-        record = db.query_tuning_record(mod, target, "main")
-        if record is None:
-            log.warning(
-                "tvm_flash: tuning log %s has no record for this kernel (tuned with other kernel code?); using default knobs",
-                folder / DB_FILES[1],
-            )
+        mine = [
+            r for r in db.get_all_tuning_records()
+            if r.run_secs and WORKLOAD_ATTR in (r.workload.mod["main"].attrs or {}) and read_workload(r.workload.mod) == workload
+        ]
+        if not mine:
+            log.warning("tvm_flash: tuning log %s has no record for %s; using default knobs", rec_path, workload_name(workload))
             return None
-        knobs = _knobs_of(record.trace, mod)
-        unknown = set(knobs) - set(knob_space(workload, target.kind.name))
-        if unknown or not knobs:
-            raise ValueError(f"knobs {sorted(unknown) or '(none)'} not in the schedule's knob space")
+        record = min(mine, key=lambda r: _mean(r.run_secs))
+        knobs = _knobs_of(record.trace, record.workload.mod)
+        space = knob_space(workload, target.kind.name)
+        stale = {k: v for k, v in knobs.items() if k not in space or v not in space[k]}
+        if stale or not knobs:
+            raise ValueError(f"knobs {stale or '(none)'} are not in the schedule's knob space (a log from other kernel code?)")
     except Exception as err:  # noqa: BLE001 - a bad log must never break attention
-        log.warning("tvm_flash: tuning log %s could not be applied (%s: %s); using default knobs", folder / DB_FILES[1], type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        log.warning("tvm_flash: tuning log %s could not be applied (%s: %s); using default knobs", rec_path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         return None
     log.info("tvm_flash: tuned knobs for %s on %s: %s", workload_name(workload), target_tag(target), knobs)
     return knobs

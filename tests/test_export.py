@@ -1,0 +1,130 @@
+"""``tvm-flash export`` and ``tvm_flash.load``: exported kernels run in a process that
+never imports the TVM compiler (CPU here; CUDA too when a GPU is present)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tvm_flash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Loads an export folder, runs attention for every exported workload, checks it against
+# the float64 reference, and reports which TVM libraries the process holds.
+CHILD = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    import tvm_flash
+    from tvm_flash.reference import attention_ref
+    sys.modules["tvm_flash.build"] = None  # building is impossible: every kernel must come from the export
+    folder, device = sys.argv[1], sys.argv[2]
+    loaded = tvm_flash.load(folder) if folder != "-" else []
+    manifest = json.load(open(os.path.join(os.environ.get("TVM_FLASH_KERNELS", folder), "manifest.json")))
+    worst = 0.0
+    g = torch.Generator().manual_seed(3)
+    for e in manifest["kernels"]:
+        dtype = getattr(torch, e["dtype"])
+        q = torch.randn(2, 4, 97, e["head_dim"], generator=g)
+        k, v = (torch.randn(2, 2, 131, e["head_dim"], generator=g) for _ in range(2))
+        q, k, v = (t.to(device, dtype) for t in (q, k, v))
+        out = tvm_flash.attention(q, k, v, causal=e["causal"])
+        ref, _ = attention_ref(q, k, v, causal=e["causal"])
+        err = (out.double().cpu() - ref).abs().max().item()
+        if dtype == torch.float32:
+            bound = 1e-5
+        else:  # 2x the error of torch's own attention in this dtype
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=e["causal"], enable_gqa=True)
+            bound = 2 * (sdpa.double().cpu() - ref).abs().max().item() + 1e-6
+        assert err <= bound, (e["name"], err, bound)
+        worst = max(worst, err)
+    maps = open("/proc/self/maps").read()
+    print("RESULT", json.dumps({
+        "loaded": len(loaded), "kernels": len(manifest["kernels"]), "worst": worst,
+        "tvm_imported": "tvm" in sys.modules,
+        "compiler_lib": "libtvm_compiler" in maps,
+        "runtime_lib": "libtvm_runtime.so" in maps,
+    }))
+    """
+)
+
+
+def _export(out, *args):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "tvm_flash", "export", "--out", str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _child(folder, device, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), device], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def _check_export_runs_without_compiler(tmp_path, device, export_args):
+    out = tmp_path / "exported"
+    text = _export(out, *export_args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["library"]).is_file()
+    assert "tvm_flash.load(" in text
+    for via_env in (False, True):
+        if via_env:
+            result = _child("-", device, {"TVM_FLASH_KERNELS": str(out)})
+        else:
+            result = _child(out, device)
+            assert result["loaded"] == result["kernels"] == len(manifest["kernels"])
+        assert not result["tvm_imported"], "the tvm package was imported"
+        assert not result["compiler_lib"], "libtvm_compiler was loaded"
+        assert result["runtime_lib"]
+    return manifest
+
+
+def test_export_and_load_without_compiler_cpu(tmp_path):
+    manifest = _check_export_runs_without_compiler(
+        tmp_path, "cpu", ["--target", "llvm", "--head-dim", "32", "64", "--dtype", "fp32", "--causal", "both"]
+    )
+    assert [e["name"] for e in manifest["kernels"]] == [
+        "fwd_float32_d32", "fwd_float32_d32_causal", "fwd_float32_d64", "fwd_float32_d64_causal"
+    ]
+    assert all(e["knobs"] and e["tuned"] is False for e in manifest["kernels"])  # no llvm logs are shipped
+    assert manifest["target_kind"] == "llvm"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_export_and_load_without_compiler_cuda(tmp_path):
+    major, minor = torch.cuda.get_device_capability()
+    manifest = _check_export_runs_without_compiler(
+        tmp_path, "cuda",
+        ["--target", "cuda", "--arch", f"sm_{major}{minor}", "--head-dim", "64", "--dtype", "fp16", "bf16", "fp32", "--causal", "yes"],
+    )
+    assert manifest["arch"] == f"sm_{major}{minor}"
+
+
+def test_importing_tvm_flash_does_not_import_tvm():
+    code = "import sys, tvm_flash; print('tvm' in sys.modules, 'tvm_flash.build' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        tvm_flash.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": 99}')
+    with pytest.raises(ValueError, match="format 99"):
+        tvm_flash.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tvm_flash.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "target_kind": "llvm", "library": "gone.so", "kernels": []}))
+    with pytest.raises(FileNotFoundError, match="gone.so"):
+        tvm_flash.load(tmp_path)
