@@ -432,5 +432,13 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
-    """The tensor-core kernel for a workload, default knobs overridden by ``knobs``."""
-    return forward_tc(head_dim, dtype, causal, **{**default_knobs(head_dim, dtype, causal), **knobs})
+    """The tensor-core kernel for a workload, default knobs overridden by ``knobs``
+    (0/1 values of the on/off knobs, as tuning records hold them, become bools)."""
+    knobs = {**default_knobs(head_dim, dtype, causal), **knobs}
+    for name in _BOOL_KNOBS:
+        if knobs.get(name) is not None:
+            knobs[name] = bool(knobs[name])
+    return forward_tc(head_dim, dtype, causal, **knobs)
+
+
+_BOOL_KNOBS = ("q_in_regs", "one_sync", "q_hoist", "lazy_rescale", "smem_epilogue")

@@ -166,3 +166,22 @@ def test_cli_rejects_bad_gqa(logs):
     from tvm_flash.cli import main
 
     assert main(["tune", "--target", "llvm", "--head-dim", "32", "--gqa", "3", "--trials", "1"]) == 2
+
+
+def test_tuning_builder_builds_cuda_candidates():
+    """The tuning builder turns a CUDA candidate (knobs as 0/1 annotations) into a kernel:
+    CUDA code generation runs on CPU machines too."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    wl, target = Workload(128, "bfloat16", True), make_target("cuda", "sm_90")
+    mod = tune.workload_mod(wl, target)
+    space = tune.knob_space(wl, "cuda")
+    with tune._no_tensor_intrinsics():
+        for fixed in ({k: v[-1] for k, v in space.items() if k not in ("block_m", "block_n", "num_warps")},
+                      tune._knobs_in_space(wl, "cuda", space)):
+            sch = tvm.s_tir.Schedule(mod)
+            tune.make_space_fn(space, fixed)(sch)
+            assert tune.read_knobs(sch.mod).items() >= {k: int(v) for k, v in fixed.items()}.items()
+            lib = tune.f_build(sch.mod, target)
+            assert "mma.sync" in lib.mod.imports[0].inspect_source()

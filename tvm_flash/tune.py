@@ -277,11 +277,12 @@ def _ms_classes():
             self.best, self.best_knobs, self.t0 = best, best_knobs, time.perf_counter()
 
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
-            failed = 0
+            failed, why = 0, ""
             for cand, b, r in zip(candidates, builder_results, runner_results):
                 self.done += 1
                 if b.error_msg or r.error_msg or not r.run_secs:
                     failed += 1
+                    why = why or f" (first: {'build' if b.error_msg else 'run'}: {error_line(b.error_msg or r.error_msg)})"
                     continue
                 secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
                 if self.best is None or secs < self.best:
@@ -293,7 +294,7 @@ def _ms_classes():
             spent = time.perf_counter() - self.t0
             eta = spent / self.done * max(0, self.total - self.done)
             self.echo(
-                f"[tune] {self.done}/{self.total} trials ({failed} failed in this batch), "
+                f"[tune] {self.done}/{self.total} trials ({failed} failed in this batch{why}), "
                 f"best {best}, {spent:.0f} s, ETA {eta:.0f} s"
             )
 
@@ -411,6 +412,13 @@ def tune(
     return knobs
 
 
+def error_line(text: str | None) -> str:
+    """The telling line of a worker's error text (the last one naming an error)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln or "error:" in ln]
+    return (named or lines or ["unknown error"])[-1][:300]
+
+
 def _mean(run_secs) -> float:
     return sum(float(s) for s in run_secs) / len(run_secs)
 
@@ -433,13 +441,13 @@ def _measure_defaults(db, mod, target, space, builder, runner, echo) -> float | 
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg:
-        echo(f"[tune] the default knobs failed to build: {built.error_msg.splitlines()[-1]}")
+        echo(f"[tune] the default knobs failed to build: {error_line(built.error_msg)}")
         return None
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
     result = future.result()
     if result.error_msg or not result.run_secs:
-        echo(f"[tune] the default knobs failed to run: {(result.error_msg or 'no times').splitlines()[-1]}")
+        echo(f"[tune] the default knobs failed to run: {error_line(result.error_msg or 'no times')}")
         return None
     secs = _mean(result.run_secs)
     wl = db.commit_workload(mod)
