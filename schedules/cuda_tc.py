@@ -421,7 +421,8 @@ def supports(head_dim: int, dtype: str) -> bool:
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     """Hand-picked defaults: the best of knob sweeps on the H100 (bf16, seq 4096;
     benchmarks/sweep_knobs.py and the opt-in knob sweep; numbers in docs/perf-notes.md)."""
-    base = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    base = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2,
+            "one_sync": False, "lazy_rescale": False, "smem_epilogue": False}  # every tuned knob, stated
     if head_dim > 128:
         return {**base, "block_m": 64, "block_n": 32}
     if head_dim == 128:  # 344 TFLOP/s non-causal / 302 causal, vs 332 / 299 without these
