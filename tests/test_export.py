@@ -2,6 +2,7 @@
 never imports the TVM compiler (CPU here; CUDA too when a GPU is present)."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def _check_export_runs_without_compiler(tmp_path, device, export_args):
     out = tmp_path / "exported"
     text = _export(out, *export_args)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (out / manifest["library"]).is_file()
+    assert all((out / e["library"]).is_file() for e in manifest["kernels"])
     assert "tvm_flash.load(" in text
     for via_env in (False, True):
         if via_env:
@@ -89,10 +90,11 @@ def _check_export_runs_without_compiler(tmp_path, device, export_args):
 
 def test_export_and_load_without_compiler_cpu(tmp_path):
     manifest = _check_export_runs_without_compiler(
-        tmp_path, "cpu", ["--target", "llvm", "--head-dim", "32", "64", "--dtype", "fp32", "--causal", "both"]
+        tmp_path, "cpu", ["--target", "llvm", "--head-dim", "32", "64", "--dtype", "fp32", "bf16", "--causal", "both"]
     )
     assert [e["name"] for e in manifest["kernels"]] == [
-        "fwd_float32_d32", "fwd_float32_d32_causal", "fwd_float32_d64", "fwd_float32_d64_causal"
+        "fwd_float32_d32", "fwd_float32_d32_causal", "fwd_float32_d64", "fwd_float32_d64_causal",
+        "fwd_bfloat16_d32", "fwd_bfloat16_d32_causal", "fwd_bfloat16_d64", "fwd_bfloat16_d64_causal",
     ]
     assert all(e["knobs"] and e["tuned"] is False for e in manifest["kernels"])  # no llvm logs are shipped
     assert manifest["target_kind"] == "llvm"
@@ -125,6 +127,30 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         tvm_flash.load(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "target_kind": "llvm", "library": "gone.so", "kernels": []}))
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"format": 1, "target_kind": "llvm", "kernels": [{"name": "x", "library": "gone.so", "head_dim": 64, "dtype": "float32", "causal": False}]}
+    ))
     with pytest.raises(FileNotFoundError, match="gone.so"):
         tvm_flash.load(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_export_groups_compile_with_nvcc(tmp_path):
+    """Each library of a CUDA export (one per dtype, every head dim and causal flag in one
+    CUDA source) compiles for sm_90: no clashing declarations between its kernels."""
+    import tvm
+
+    from tvm_flash.build import Workload, make_target, scheduled_func
+
+    for dtype in ("bfloat16", "float16", "float32"):
+        funcs = {}
+        for d in (64, 128):
+            for causal in (False, True):
+                wl = Workload(d, dtype, causal)
+                funcs[wl.name] = scheduled_func(wl, "cuda").with_attr("global_symbol", wl.name)
+        src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90")).mod.imports[0].inspect_source()
+        cu = tmp_path / f"{dtype}.cu"
+        cu.write_text(src)
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / f"{dtype}.cubin"), str(cu)],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "error" in ln)

@@ -14,7 +14,7 @@
 The cache folder is ``$TVM_FLASH_CACHE`` or ``~/.cache/tvm_flash``.
 
 ``export(workloads, target, folder)`` (``tvm-flash export``) builds several
-workloads into one library plus a manifest that ``tvm_flash.load`` (``runtime``)
+workloads into libraries (one per dtype) plus a manifest that ``tvm_flash.load`` (``runtime``)
 opens without the TVM compiler.
 
 Without explicit knobs the kernel uses the workload's tuning log (``tvm_flash.tune``),
@@ -160,9 +160,10 @@ def effective_knobs(workload: Workload, kind: str, knobs: dict | None) -> dict:
 
 def export(workloads, target: tvm.target.Target, folder) -> Path:
     """Build ``workloads`` (knobs from their tuning logs, else defaults) into
-    ``folder/kernels.so`` + ``folder/manifest.json`` for ``tvm_flash.load``.
-
-    Files are written under temporary names and moved into place, the manifest last."""
+    ``folder/kernels-<dtype>.so`` (one library per dtype: CUDA kernels of different dtypes
+    declare clashing ``extern __shared__`` buffers) + ``folder/manifest.json`` for
+    ``tvm_flash.load``.  Files are written under temporary names and moved into place,
+    the manifest last."""
     from . import runtime
     from .tune import tuned_knobs
 
@@ -170,17 +171,19 @@ def export(workloads, target: tvm.target.Target, folder) -> Path:
     if not workloads:
         raise ValueError("export: no workloads given")
     kind = target.kind.name
-    funcs, entries = {}, []
-    for wl in workloads:
-        knobs = tuned_knobs(wl, target)
-        funcs[wl.name] = scheduled_func(wl, kind, knobs).with_attr("global_symbol", wl.name)
-        entries.append(
-            {"name": wl.name, **dataclasses.asdict(wl), "knobs": effective_knobs(wl, kind, knobs), "tuned": knobs is not None}
-        )
-    log.info("tvm_flash: exporting %d kernels for %s", len(funcs), target)
-    lib = tvm.compile(tvm.IRModule(funcs), target=target)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for dtype in dict.fromkeys(wl.dtype for wl in workloads):
+        library = f"kernels-{dtype}.so"
+        funcs = {}
+        for wl in (w for w in workloads if w.dtype == dtype):
+            knobs = tuned_knobs(wl, target)
+            funcs[wl.name] = scheduled_func(wl, kind, knobs).with_attr("global_symbol", wl.name)
+            entries.append({"name": wl.name, **dataclasses.asdict(wl), "library": library,
+                            "knobs": effective_knobs(wl, kind, knobs), "tuned": knobs is not None})
+        log.info("tvm_flash: exporting %d %s kernels for %s", len(funcs), dtype, target)
+        _write_atomic(folder / library, tvm.compile(tvm.IRModule(funcs), target=target).export_library)
     manifest = {
         "format": runtime.FORMAT,
         "tvm_flash": __version__,
@@ -188,20 +191,20 @@ def export(workloads, target: tvm.target.Target, folder) -> Path:
         "target": str(target),
         "target_kind": kind,
         "arch": str(target.attrs.get("arch", "")) if kind == "cuda" else "",
-        "library": runtime.LIBRARY,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernels": entries,
     }
-    for name, write in ((runtime.LIBRARY, lib.export_library), (runtime.MANIFEST, None)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-        os.close(fd)
-        try:
-            if write is None:
-                Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n")
-            else:
-                write(tmp)
-            os.replace(tmp, folder / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    _write_atomic(folder / runtime.MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     return folder
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,7 +1,7 @@
 """Exported kernels: load a ``tvm-flash export`` folder with no TVM compiler.
 
-``tvm-flash export --out DIR`` (``build.export``) writes ``DIR/kernels.so`` (one
-function per workload, named like ``fwd_bfloat16_d128_causal``) and
+``tvm-flash export --out DIR`` (``build.export``) writes ``DIR/kernels-<dtype>.so``
+(one function per workload, named like ``fwd_bfloat16_d128_causal``) and
 ``DIR/manifest.json`` (tvm_flash and TVM versions, target, the workloads and
 their knobs).  ``load(DIR)`` opens it with only TVM's *runtime* libraries
 (``libtvm_runtime.so``, plus ``libtvm_runtime_cuda.so`` for CUDA kernels) and the
@@ -29,7 +29,6 @@ from .workload import Workload
 log = logging.getLogger("tvm_flash")
 
 MANIFEST = "manifest.json"
-LIBRARY = "kernels.so"
 FORMAT = 1
 
 # (device kind "cpu" | "cuda", arch like "sm_90" or "", Workload) -> kernel
@@ -96,17 +95,24 @@ def load(folder) -> list[Workload]:
     _load_runtime(cuda=kind == "cuda")
     import tvm_ffi
 
-    lib_path = folder / manifest.get("library", LIBRARY)
-    if not lib_path.is_file():
-        raise FileNotFoundError(f"tvm_flash.load: {lib_path} (named in {folder / MANIFEST}) is missing")
-    module = tvm_ffi.load_module(str(lib_path))
+    modules = {}
+    for entry in manifest["kernels"]:
+        name = entry["library"]
+        if name not in modules:
+            lib_path = folder / name
+            if not lib_path.is_file():
+                raise FileNotFoundError(f"tvm_flash.load: {lib_path} (named in {folder / MANIFEST}) is missing")
+            modules[name] = tvm_ffi.load_module(str(lib_path))
     device = "cpu" if kind == "llvm" else "cuda"
     loaded = []
     with _lock:
         for entry in manifest["kernels"]:
             workload = Workload(int(entry["head_dim"]), str(entry["dtype"]), bool(entry["causal"]))
-            _kernels[(device, arch, workload)] = module[entry["name"]]
+            _kernels[(device, arch, workload)] = modules[entry["library"]][entry["name"]]
             loaded.append(workload)
+    from . import ops
+
+    ops._kernel.cache_clear()  # kernels looked up before this load are looked up again
     log.info("tvm_flash: loaded %d exported kernels for %s %s from %s", len(loaded), kind, arch, folder)
     return loaded
 
