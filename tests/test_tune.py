@@ -185,3 +185,22 @@ def test_tuning_builder_builds_cuda_candidates():
             assert tune.read_knobs(sch.mod).items() >= {k: int(v) for k, v in fixed.items()}.items()
             lib = tune.f_build(sch.mod, target)
             assert "mma.sync" in lib.mod.imports[0].inspect_source()
+
+
+def _ms_of(line):
+    return float(line.split("best ", 1)[1].split(" ms", 1)[0])
+
+
+@pytest.mark.parametrize("space", [VALID, {"block_m": [16, 32], "block_n": [16, 64], "num_threads": [32, 64]}],
+                         ids=["defaults-in-space", "defaults-outside"])
+def test_log_holds_the_fastest_measured_candidate(logs, space):
+    """The written record is the fastest of everything measured: the defaults' record and
+    every candidate of the search (they must land in one workload entry)."""
+    lines = []
+    best = tune.tune(WL, tune.tune_target("llvm"), trials=6, space=space, echo=lines.append)
+    progress = [_ms_of(ln) for ln in lines if " trials (" in ln and "best none" not in ln]
+    defaults = [float(ln.rsplit(": ", 1)[1].split(" ms")[0]) for ln in lines if ln.startswith("[tune] defaults")]
+    final = _ms_of(next(ln for ln in lines if ln.startswith("[tune] best")))
+    assert progress, lines
+    assert final <= min(progress + defaults) + 0.0015, lines  # printed with 3 decimals
+    assert tune.tuned_knobs(WL, make_target("llvm")) == best
