@@ -154,3 +154,36 @@ def test_cuda_export_groups_compile_with_nvcc(tmp_path):
         res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / f"{dtype}.cubin"), str(cu)],
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "error" in ln)
+
+
+def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
+    """A wheel installed outside the source tree carries the schedules and the shipped
+    tuning logs, and finds them (run from a folder that is not the repository)."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                            "-q", "-w", str(wheel_dir)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheel_dir.glob("*.whl")
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True, timeout=600)
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    code = textwrap.dedent(
+        """
+        import tvm_flash, tvm_flash.tune as tune, tvm_flash.build as build
+        from tvm_flash.workload import Workload
+        print(tvm_flash.__file__)
+        print(len(tune.list_logs()))
+        print(build.schedule_module("cuda", Workload(64, "float16", False)).__name__)
+        print(tune.tuned_knobs(Workload(128, "bfloat16", True), build.make_target("cuda", "sm_90")) is not None)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_FLASH_TUNING_LOGS",)}
+    env["PYTHONPATH"] = str(target)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, nlogs, sched, tuned = proc.stdout.split()
+    assert where.startswith(str(target))
+    shipped = len(list((ROOT / "tuning_logs").glob("*/*/database_tuning_record.json")))
+    assert int(nlogs) == shipped >= 8
+    assert sched == "tvm_flash.schedules.cuda_tc"
+    assert tuned == "True"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.resources
 import json
 import logging
 import math
@@ -83,10 +82,8 @@ def logs_root() -> Path:
     source = Path(__file__).resolve().parent.parent / "tuning_logs"
     if source.is_dir():
         return source
-    try:
-        return Path(str(importlib.resources.files("tvm_flash.tuning_logs")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent / "tuning_logs"
+    # Installed: pyproject maps tuning_logs/ to the (namespace) package tvm_flash.tuning_logs.
+    return Path(__file__).resolve().parent / "tuning_logs"
 
 
 def log_dir(workload: Workload, target: tvm.target.Target, root: Path | None = None) -> Path:
