@@ -178,8 +178,9 @@ def test_tuning_builder_builds_cuda_candidates():
     mod = tune.workload_mod(wl, target)
     space = tune.knob_space(wl, "cuda")
     with tune._no_tensor_intrinsics():
-        for fixed in ({k: v[-1] for k, v in space.items() if k not in ("block_m", "block_n", "num_warps")},
-                      tune._knobs_in_space(wl, "cuda", space)):
+        other = {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 3, "one_sync": 0, "lazy_rescale": 1, "smem_epilogue": 0}
+        for fixed in (other, tune._knobs_in_space(wl, "cuda", space)):
+            assert set(fixed) == set(space)  # every knob pinned: no random decisions
             sch = tvm.s_tir.Schedule(mod)
             tune.make_space_fn(space, fixed)(sch)
             assert tune.read_knobs(sch.mod).items() >= {k: int(v) for k, v in fixed.items()}.items()
