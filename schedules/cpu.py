@@ -6,7 +6,7 @@ loop is unrolled so LLVM can vectorize across it.
 
 import tvm
 
-from tvm_flash.compute import flash_forward
+from tvm_flash.compute import check_tiles, flash_forward
 
 from .common import phase_loops, tile_loop
 
@@ -18,6 +18,12 @@ KNOB_SPACE = {"block_m": [16, 32, 64], "block_n": [16, 32, 64], "num_threads": [
 def default_knobs(head_dim: int, dtype: str) -> dict:
     # 32 query rows x 32 keys; 32 workers keeps every per-worker loop short.
     return {"block_m": 32, "block_n": 32, "num_threads": 32}
+
+
+def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
+    """Raise ValueError if the knobs (over the defaults) cannot build (cheap: no IR built)."""
+    k = {**default_knobs(head_dim, dtype), **knobs}
+    check_tiles(head_dim, dtype, k["block_m"], k["block_n"], k["num_threads"])
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs):

@@ -9,7 +9,7 @@ static shared memory, so the tile sizes are chosen to fit 48 KB.
 
 import tvm
 
-from tvm_flash.compute import flash_forward
+from tvm_flash.compute import check_tiles, flash_forward
 
 from .common import phase_loops, tile_loop
 
@@ -33,6 +33,14 @@ def default_knobs(head_dim: int, dtype: str) -> dict:
         if divisible and smem_bytes(head_dim, dtype, bm, bn) <= SMEM_LIMIT:
             return {"block_m": bm, "block_n": bn, "num_threads": nt}
     raise ValueError(f"head_dim={head_dim} {dtype} does not fit the CUDA FFMA kernel")
+
+
+def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
+    """Raise ValueError if the knobs (over the defaults) cannot build (cheap: no IR built)."""
+    k = {**default_knobs(head_dim, dtype), **knobs}
+    check_tiles(head_dim, dtype, k["block_m"], k["block_n"], k["num_threads"])
+    if smem_bytes(head_dim, dtype, k["block_m"], k["block_n"]) > SMEM_LIMIT:
+        raise ValueError(f"tile {k} needs more than {SMEM_LIMIT} bytes of shared memory")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs):

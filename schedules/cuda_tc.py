@@ -432,6 +432,14 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     return base  # hd64: the opt-in knobs measured slower (300 vs 324)
 
 
+def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
+    """Raise ValueError if the knobs (over the defaults) cannot build (cheap: no IR built)."""
+    k = {**default_knobs(head_dim, dtype, causal), **knobs}
+    _check(head_dim, dtype, k["block_m"], k["block_n"], k["num_warps"], k["num_stages"])
+    if k.get("one_sync") and k["num_stages"] < 2:
+        raise ValueError("one_sync needs num_stages >= 2")
+
+
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     """The tensor-core kernel for a workload, default knobs overridden by ``knobs``
     (0/1 values of the on/off knobs, as tuning records hold them, become bools)."""

@@ -205,3 +205,13 @@ def test_log_holds_the_fastest_measured_candidate(logs, space):
     assert progress, lines
     assert final <= min(progress + defaults) + 0.0015, lines  # printed with 3 decimals
     assert tune.tuned_knobs(WL, make_target("llvm")) == best
+
+
+def test_invalid_knob_sets_are_never_built(logs):
+    """The KnobCheck postprocessor drops knob sets the schedule rejects (block_m > num_threads
+    on the CPU) before they are built: no trial is spent on them."""
+    lines = []
+    tune.tune(WL, tune.tune_target("llvm"), trials=6, echo=lines.append)
+    assert "18 valid of 27 knob sets" in lines[0], lines[0]
+    batches = [ln for ln in lines if " trials (" in ln]
+    assert batches and all("(0 failed in this batch" in ln for ln in batches), batches

@@ -43,6 +43,18 @@ LN2 = 0.6931471805599453
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def check_tiles(head_dim: int, dtype: str, block_m: int, block_n: int, num_threads: int) -> None:
+    """Raise ValueError unless the tile sizes divide evenly among the workers."""
+    D, BM, BN, NT = head_dim, block_m, block_n, num_threads
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    for name, size in (("block_m*head_dim", BM * D), ("block_n*head_dim", BN * D), ("block_m*block_n", BM * BN)):
+        if size % NT:
+            raise ValueError(f"{name}={size} is not a multiple of num_threads={NT}")
+    if BM > NT:
+        raise ValueError(f"block_m={BM} must not exceed num_threads={NT} (one worker per row)")
+
+
 def flash_forward(
     head_dim: int,
     dtype: str,
@@ -59,14 +71,8 @@ def flash_forward(
     ``smem``/``reg`` are the storage scopes of the tile buffers and of the
     per-worker accumulators (a schedule choice that must be made at
     allocation time)."""
+    check_tiles(head_dim, dtype, block_m, block_n, num_threads)
     D, BM, BN, NT = head_dim, block_m, block_n, num_threads
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    for name, size in (("block_m*head_dim", BM * D), ("block_n*head_dim", BN * D), ("block_m*block_n", BM * BN)):
-        if size % NT:
-            raise ValueError(f"{name}={size} is not a multiple of num_threads={NT}")
-    if BM > NT:
-        raise ValueError(f"block_m={BM} must not exceed num_threads={NT} (one worker per row)")
     LQ, LKV, LS = BM * D // NT, BN * D // NT, BM * BN // NT
     is_causal = bool(causal)
     NEG_INF = -math.inf

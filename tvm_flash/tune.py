@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -297,7 +298,23 @@ def _ms_classes():
                 f"best {best}, {spent:.0f} s, ETA {eta:.0f} s"
             )
 
-    return KnobFeatures, MutateKnob, Progress
+    @derived_object
+    class KnobCheck(ms.postproc.PyPostproc):
+        """Rejects knob sets the schedule cannot build (its cheap ``check_knobs``) before they
+        are built or counted as trials: the search only proposes valid candidates."""
+
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, sch) -> bool:
+            return knobs_valid(read_workload(sch.mod), self.kind, read_knobs(sch.mod))
+
+        def clone(self):
+            twin = KnobCheck()
+            twin.kind = self.kind
+            return twin
+
+    return KnobFeatures, MutateKnob, Progress, KnobCheck
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -340,7 +357,7 @@ def tune(
     (knobs left out keep their defaults)."""
     from tvm.s_tir import meta_schedule as ms
 
-    KnobFeatures, MutateKnob, Progress = _ms_classes()
+    KnobFeatures, MutateKnob, Progress, KnobCheck = _ms_classes()
     kind = target.kind.name
     b, hq, _, sq, sk = BUCKETS[kind]
     if gqa < 1 or hq % gqa:
@@ -349,7 +366,10 @@ def tune(
     mod = workload_mod(workload, target, bucket)
     space = space or knob_space(workload, kind)
     ncand = math.prod(len(c) for c in space.values())
-    trials = min(trials, ncand)
+    nvalid = sum(knobs_valid(workload, kind, dict(zip(space, combo))) for combo in itertools.product(*space.values()))
+    if nvalid == 0:
+        raise ValueError(f"no knob set of {space} is valid for {workload_name(workload)}")
+    trials = min(trials, nvalid)
     per_iter = min(trials_per_iter or trials, trials)
     if kind == "cuda":
         evaluator = ms.runner.EvaluatorConfig(number=10, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
@@ -373,8 +393,10 @@ def tune(
         genetic_num_iters=2,
     )
     flops = bucket_flops(workload, bucket)
+    knob_check = KnobCheck()
+    knob_check.kind = kind
     echo(f"[tune] {workload_name(workload)} on {target_tag(target)}, bucket B,Hq,Hkv,Sq,Sk={bucket}: "
-         f"{trials} trials over {ncand} knob sets {space}")
+         f"{trials} trials over {nvalid} valid of {ncand} knob sets {space}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tvm_flash_tune_") as work_dir, _no_tensor_intrinsics():
         db = ms.database.JSONDatabase(work_dir=work_dir)
@@ -388,7 +410,7 @@ def tune(
             max_trials_global=trials,
             num_trials_per_iter=per_iter,
             space=ms.space_generator.ScheduleFn(
-                make_space_fn(space), sch_rules=[], postprocs=[], mutator_probs={MutateKnob(seed): 1.0}
+                make_space_fn(space), sch_rules=[], postprocs=[knob_check], mutator_probs={MutateKnob(seed): 1.0}
             ),
             builder=builder,
             runner=runner,
@@ -426,6 +448,18 @@ def error_line(text: str | None) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     named = [ln for ln in lines if "Error" in ln or "error:" in ln]
     return (named or lines or ["unknown error"])[-1][:300]
+
+
+def knobs_valid(workload: Workload, kind: str, knobs: dict) -> bool:
+    """Whether the schedule accepts these knobs (``check_knobs``; True if it has none)."""
+    check = getattr(schedule_module(kind, workload), "check_knobs", None)
+    if check is None:
+        return True
+    try:
+        check(workload.head_dim, workload.dtype, workload.causal, knobs)
+    except ValueError:
+        return False
+    return True
 
 
 def _mean(run_secs) -> float:
