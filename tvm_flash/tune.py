@@ -386,7 +386,7 @@ def tune(
             timeout_sec=120, evaluator_config=evaluator, f_alloc_argument=alloc_args_local, f_run_evaluator=run_local
         )
     builder = ms.builder.LocalBuilder(
-        f_build=f_build, f_export=f_export, timeout_sec=300, max_workers=max(1, min(8, (os.cpu_count() or 2) // 2))
+        f_build=f_build, f_export=f_export, timeout_sec=300, max_workers=max(1, min(16, os.cpu_count() or 1))
     )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=max(16, 2 * per_iter), init_measured_ratio=0.0, init_min_unmeasured=max(8, per_iter),
