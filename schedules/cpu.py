@@ -20,6 +20,20 @@ def default_knobs(head_dim: int, dtype: str) -> dict:
     return {"block_m": 32, "block_n": 32, "num_threads": 32}
 
 
+def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
+    """The backward PrimFuncs for the CPU (``compute_backward``): tiles in parallel.
+    Returns {name: PrimFunc} for ``flash_bwd_dkdv`` and ``flash_bwd_dq``."""
+    from tvm_flash.compute_backward import flash_backward
+
+    k = {**default_knobs(head_dim, dtype), **knobs}
+    funcs = {}
+    for func in flash_backward(head_dim, dtype, causal, smem="global", reg="global", **k):
+        sch = tvm.s_tir.Schedule(func)
+        sch.parallel(tile_loop(sch))
+        funcs[str(func.attrs["global_symbol"])] = sch.mod["main"]
+    return funcs
+
+
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     """Raise ValueError if the knobs (over the defaults) cannot build (cheap: no IR built)."""
     k = {**default_knobs(head_dim, dtype), **knobs}

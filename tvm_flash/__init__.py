@@ -1,6 +1,6 @@
 """tvm_flash: FlashAttention for PyTorch, written as Apache TVM TensorIR.
 
-Layers, top-down: ``compute`` (the attention algorithm in TensorIR) →
+Layers, top-down: ``compute`` / ``compute_backward`` (the attention algorithm in TensorIR) →
 ``schedules`` (how it runs on CPU / CUDA) → ``build`` (compile, export,
 disk cache; ``tune`` picks knobs) → ``ops`` (the torch API).  ``runtime`` loads
 exported kernels without the TVM compiler: importing tvm_flash imports no TVM;

@@ -71,11 +71,12 @@ def scheduled_func(workload: Workload, kind: str, knobs: dict | None = None):
     return sched.schedule(workload.head_dim, workload.dtype, workload.causal, **(knobs or {}))
 
 
-def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None) -> str:
+def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None, backward: bool = False) -> str:
     sched = schedule_module(target.kind.name, workload)
     blob = json.dumps(
         {
             "workload": dataclasses.asdict(workload),
+            "backward": backward,
             "knobs": knobs or {},
             "target": str(target),
             "tvm": tvm.__version__,
@@ -84,7 +85,7 @@ def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None 
         sort_keys=True,
     )
     w = workload
-    return f"fwd_{w.dtype}_d{w.head_dim}{'_causal' if w.causal else ''}_{target.kind.name}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{'bwd' + w.name[3:] if backward else w.name}_{target.kind.name}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +95,9 @@ def _source_hash(schedule_module_name: str) -> str:
 
     from .schedules import common
 
-    modules = (compute, common, importlib.import_module(schedule_module_name))
+    from . import compute_backward
+
+    modules = (compute, compute_backward, common, importlib.import_module(schedule_module_name))
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
@@ -102,6 +105,24 @@ def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | 
     """Compile (no cache): returns the tvm Executable."""
     func = scheduled_func(workload, target.kind.name, knobs)
     return tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target)
+
+
+def get_backward_kernels(workload: Workload, target: tvm.target.Target):
+    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload (``compute_backward``), from memory,
+    disk or a fresh build.  Only schedules with ``schedule_backward`` have one (the CPU)."""
+    sched = schedule_module(target.kind.name, workload)
+    if not hasattr(sched, "schedule_backward"):
+        raise NotImplementedError(
+            f"tvm_flash: the backward pass runs on the CPU only so far (no {target.kind.name} backward kernel yet)"
+        )
+    key = cache_key(workload, target, None, backward=True)
+    with _lock:
+        fns = _memory.get(key)
+        if fns is None:
+            funcs = sched.schedule_backward(workload.head_dim, workload.dtype, workload.causal)
+            mod = _load_or_build(key, workload, target, lambda: tvm.compile(tvm.IRModule(funcs), target=target))
+            fns = _memory[key] = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"])
+    return fns
 
 
 _memory: dict[str, object] = {}
@@ -121,21 +142,22 @@ def get_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | None
     with _lock:
         fn = _memory.get(key)
         if fn is None:
-            fn = _load_or_build(key, workload, target, knobs)
-            _memory[key] = fn
+            mod = _load_or_build(key, workload, target, lambda: compile_kernel(workload, target, knobs))
+            fn = _memory[key] = mod["flash_fwd"]
     return fn
 
 
-def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, knobs: dict | None):
+def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, compile_fn):
+    """The module cached under ``key``, or ``compile_fn()`` exported there and loaded."""
     folder = cache_dir()
     path = folder / f"{key}.so"
     if path.exists():
         try:
-            return tvm.runtime.load_module(str(path))["flash_fwd"]
+            return tvm.runtime.load_module(str(path))
         except Exception as err:  # a damaged entry is rebuilt, never trusted
             log.warning("tvm_flash: cached kernel %s failed to load (%s); rebuilding", path, err)
-    log.info("tvm_flash: compiling %s for %s", workload, target.kind.name)
-    lib = compile_kernel(workload, target, knobs)
+    log.info("tvm_flash: compiling %s for %s", key.rsplit("_", 2)[0], target.kind.name)
+    lib = compile_fn()
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=folder)
     os.close(fd)
@@ -145,7 +167,7 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, knob
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return tvm.runtime.load_module(str(path))["flash_fwd"]
+    return tvm.runtime.load_module(str(path))
 
 
 def effective_knobs(workload: Workload, kind: str, knobs: dict | None) -> dict:

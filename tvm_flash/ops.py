@@ -3,8 +3,9 @@
 Tensors cross into TVM through DLPack with no copy; on CUDA the kernel runs
 on torch's current stream.  The custom op (with a fake implementation) makes
 ``torch.compile`` treat the kernel as one opaque node (eager calls that need no
-autograd skip its dispatch cost and call the kernel directly).  Backward is not
-implemented yet: it raises a clear ``NotImplementedError``.
+autograd skip its dispatch cost and call the kernel directly).  Backward
+(``tvm_flash::flash_bwd``: dQ, dK, dV from the saved LSE, ``compute_backward``) runs
+on the CPU; on CUDA it raises a clear ``NotImplementedError`` (no CUDA kernel yet).
 
 Inputs that are not contiguous (or whose start is not 16-byte aligned) are
 copied once; outputs are always new contiguous tensors.
@@ -115,15 +116,54 @@ def _flash_fwd_fake(q, k, v, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _backward_kernels(device_type: str, workload: Workload):
+    if device_type != "cpu":
+        raise NotImplementedError(
+            "tvm_flash: the backward pass runs on the CPU only so far (a CUDA backward kernel is not built "
+            "yet); on CUDA use torch.nn.functional.scaled_dot_product_attention for training, or call "
+            "tvm_flash under torch.no_grad()"
+        )
+    from .build import get_backward_kernels, make_target
+
+    return get_backward_kernels(workload, make_target("llvm"))
+
+
+@torch.library.custom_op("tvm_flash::flash_bwd", mutates_args=())
+def flash_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+    lse: torch.Tensor, grad_lse: torch.Tensor, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV from the forward's output and LSE (``compute_backward``)."""
+    q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
+    lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
+    dtype = str(q.dtype).removeprefix("torch.")
+    dkdv, dq_fn = _backward_kernels(q.device.type, Workload(q.shape[3], dtype, bool(causal)))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, float(scale))
+    dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, float(scale))
+    return dq, dk, dv
+
+
+@flash_bwd.register_fake
+def _flash_bwd_fake(q, k, v, out, grad_out, lse, grad_lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _setup_context(ctx, inputs, output):
-    pass
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    raise NotImplementedError(
-        "tvm_flash: the backward pass is not implemented yet; use torch.nn.functional."
-        "scaled_dot_product_attention for training, or call tvm_flash under torch.no_grad()"
-    )
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv = flash_bwd(q, k, v, out, grad_out, lse, grad_lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
