@@ -55,8 +55,21 @@ CHILD = textwrap.dedent(
 )
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _clean_env(**extra):
+    """This environment without the user's tvm_flash settings (logs, exports), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_FLASH_TUNING_LOGS", "TVM_FLASH_KERNELS")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {**env, **extra}
+
+
 def _export(out, *args):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = _clean_env()
     cmd = [sys.executable, "-m", "tvm_flash", "export", "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,7 +77,7 @@ def _export(out, *args):
 
 
 def _child(folder, device, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
+    env = _clean_env(**(env_extra or {}))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), device], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
@@ -75,6 +88,8 @@ def _check_export_runs_without_compiler(tmp_path, device, export_args):
     text = _export(out, *export_args)
     manifest = json.loads((out / "manifest.json").read_text())
     assert all((out / e["library"]).is_file() for e in manifest["kernels"])
+    for path in [out / "manifest.json", *(out / e["library"] for e in manifest["kernels"])]:
+        assert path.stat().st_mode & 0o666 == 0o666 & ~_umask(), f"{path} has mode {oct(path.stat().st_mode)}"
     assert "tvm_flash.load(" in text
     for via_env in (False, True):
         if via_env:
@@ -132,6 +147,12 @@ def test_load_errors_are_clear(tmp_path):
     ))
     with pytest.raises(FileNotFoundError, match="gone.so"):
         tvm_flash.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "target_kind": "rocm", "kernels": []}))
+    with pytest.raises(ValueError, match="target_kind 'rocm'"):
+        tvm_flash.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "target_kind": "llvm", "kernels": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match="'kernels' must be a list"):
+        tvm_flash.load(tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -159,8 +180,15 @@ def test_cuda_export_groups_compile_with_nvcc(tmp_path):
 def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
     """A wheel installed outside the source tree carries the schedules and the shipped
     tuning logs, and finds them (run from a folder that is not the repository)."""
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+    wheel_dir, target, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
+    # Build from a copy of the tracked files: no build/ or egg-info lands in the repository,
+    # and nothing stale from an earlier build/ can slip into the wheel.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, tracked.split("\0")):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                             "-q", "-w", str(wheel_dir)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheel_dir.glob("*.whl")
@@ -177,8 +205,7 @@ def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
         print(tune.tuned_knobs(Workload(128, "bfloat16", True), build.make_target("cuda", "sm_90")) is not None)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TVM_FLASH_TUNING_LOGS",)}
-    env["PYTHONPATH"] = str(target)
+    env = {**_clean_env(), "PYTHONPATH": str(target)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     where, nlogs, sched, tuned = proc.stdout.split()
@@ -187,3 +214,19 @@ def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
     assert int(nlogs) == shipped >= 8
     assert sched == "tvm_flash.schedules.cuda_tc"
     assert tuned == "True"
+
+
+def test_bad_kernels_env_fails_every_call_not_just_the_first(tmp_path, monkeypatch):
+    """A broken TVM_FLASH_KERNELS folder is an error on every call, never a silent fallback."""
+    from tvm_flash import ops, runtime
+
+    monkeypatch.setenv("TVM_FLASH_KERNELS", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(runtime, "_env_loaded", False)
+    ops._kernel.cache_clear()
+    q = torch.randn(1, 1, 8, 32)
+    try:
+        for _ in range(2):
+            with pytest.raises(FileNotFoundError, match="manifest.json"):
+                tvm_flash.attention(q, q, q)
+    finally:
+        ops._kernel.cache_clear()

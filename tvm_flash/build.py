@@ -159,14 +159,7 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, comp
     log.info("tvm_flash: compiling %s for %s", key.rsplit("_", 2)[0], target.kind.name)
     lib = compile_fn()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        lib.export_library(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_atomic(path, lib.export_library)
     return tvm.runtime.load_module(str(path))
 
 
@@ -220,12 +213,28 @@ def export(workloads, target: tvm.target.Target, folder) -> Path:
     return folder
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else by set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then move it into place."""
+    """``write(tmp)`` to a temporary file beside ``path``, then move it into place
+    (readable as a normal file would be: mode 0666 minus the umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others (e.g. a deployment user) must read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

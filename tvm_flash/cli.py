@@ -118,10 +118,18 @@ def export(args) -> int:
     from tvm_flash import tune as tuning
     from tvm_flash.build import export as build_export
 
-    target = tuning.tune_target(args.target, args.arch) if args.target == "llvm" else tuning.make_target("cuda", args.arch)
+    target = tuning.make_target(args.target, args.arch if args.target == "cuda" else None)
     workloads = _workloads(args)
+    bad = [d for d in args.head_dim if not (32 <= d <= 256 and d % 8 == 0)]
+    if bad:
+        print(f"tvm-flash export: head dims must be multiples of 8 in [32, 256], got {bad}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    folder = build_export(workloads, target, args.out)
+    try:
+        folder = build_export(workloads, target, args.out)
+    except ValueError as err:
+        print(f"tvm-flash export: {err}", file=sys.stderr)
+        return 2
     print(f"exported {len(workloads)} kernels for {tuning.target_tag(target)} to {folder} in {time.perf_counter() - t0:.0f} s:")
     import json
 

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -34,6 +33,7 @@ FORMAT = 1
 # (device kind "cpu" | "cuda", arch like "sm_90" or "", Workload) -> kernel
 _kernels: dict[tuple[str, str, Workload], object] = {}
 _lock = threading.Lock()
+_env_lock = threading.Lock()
 _env_loaded = False
 
 
@@ -45,14 +45,12 @@ def _tvm_lib_dir() -> Path:
 
 
 _runtime_libs: dict[str, object] = {}
+KINDS = {"llvm": "cpu", "cuda": "cuda"}  # manifest target kind -> torch device type
 
 
 def _load_runtime(cuda: bool) -> None:
-    """Load TVM's runtime libraries (not the compiler) once per process."""
-    if "tvm" in sys.modules:  # the full TVM is here already, CUDA loader included
-        import tvm  # noqa: F401
-
-        return
+    """Load TVM's runtime libraries (not the compiler) once per process.  dlopen of a library
+    already loaded (e.g. by ``import tvm``) only takes another reference."""
     import tvm_ffi  # noqa: F401  (loads libtvm_ffi)
 
     libdir = _tvm_lib_dir()
@@ -60,15 +58,12 @@ def _load_runtime(cuda: bool) -> None:
         _runtime_libs["runtime"] = ctypes.CDLL(str(libdir / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
     if cuda and "cuda" not in _runtime_libs:
         try:
-            import torch
-
-            torch.cuda.init()  # torch's libcudart is then in the process for libtvm_runtime_cuda
-        except Exception:  # noqa: BLE001
-            pass
-        try:
             _runtime_libs["cuda"] = ctypes.CDLL(str(libdir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_LOCAL)
         except OSError as err:
-            raise RuntimeError(f"tvm_flash.load: TVM's CUDA runtime library could not be loaded ({err})") from err
+            raise RuntimeError(
+                f"tvm_flash.load: TVM's CUDA runtime library could not be loaded ({err}); it needs the CUDA "
+                "driver (libcuda.so.1) and the CUDA 13 runtime (libcudart.so.13) on the library path"
+            ) from err
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -79,23 +74,38 @@ def _read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"tvm_flash.load: {path} is not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"tvm_flash.load: {path} has format {manifest.get('format')!r}; this tvm_flash reads format {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"tvm_flash.load: {path} has format {got!r}; this tvm_flash reads format {FORMAT}")
+    if manifest.get("target_kind") not in KINDS:
+        raise ValueError(f"tvm_flash.load: {path}: target_kind {manifest.get('target_kind')!r} is not one of {sorted(KINDS)}")
+    kernels = manifest.get("kernels")
+    fields = ("name", "library", "head_dim", "dtype", "causal")
+    if not isinstance(kernels, list) or not all(isinstance(e, dict) and all(f in e for f in fields) for e in kernels):
+        raise ValueError(f"tvm_flash.load: {path}: 'kernels' must be a list of entries with {', '.join(fields)}")
+    try:
+        from importlib.metadata import version
+
+        installed = version("apache-tvm")
+    except Exception:  # noqa: BLE001
+        installed = None
+    if installed and manifest.get("tvm") and manifest["tvm"] != installed:
+        log.warning("tvm_flash: %s was exported with TVM %s; this process has TVM %s", path, manifest["tvm"], installed)
     return manifest
 
 
-def load(folder) -> list[Workload]:
+def load(folder, *, _replace: bool = True) -> list[Workload]:
     """Load an exported kernel folder; returns the workloads it serves.
 
     After this, ``tvm_flash.attention`` runs those workloads on a matching device
     (CUDA arch as exported) with no compilation and no TVM compiler."""
     folder = Path(folder).expanduser().resolve()
     manifest = _read_manifest(folder)
-    kind, arch = manifest["target_kind"], manifest.get("arch", "")
+    kind, arch = manifest["target_kind"], str(manifest.get("arch", ""))
     _load_runtime(cuda=kind == "cuda")
     import tvm_ffi
 
-    modules = {}
+    modules, found = {}, []
     for entry in manifest["kernels"]:
         name = entry["library"]
         if name not in modules:
@@ -103,28 +113,46 @@ def load(folder) -> list[Workload]:
             if not lib_path.is_file():
                 raise FileNotFoundError(f"tvm_flash.load: {lib_path} (named in {folder / MANIFEST}) is missing")
             modules[name] = tvm_ffi.load_module(str(lib_path))
-    device = "cpu" if kind == "llvm" else "cuda"
-    loaded = []
+        try:
+            fn = modules[name][entry["name"]]
+        except (AttributeError, KeyError) as err:
+            raise ValueError(f"tvm_flash.load: {folder / name} has no kernel {entry['name']!r} (named in {folder / MANIFEST})") from err
+        found.append((Workload(int(entry["head_dim"]), str(entry["dtype"]), bool(entry["causal"])), fn))
+    device = KINDS[kind]
     with _lock:
-        for entry in manifest["kernels"]:
-            workload = Workload(int(entry["head_dim"]), str(entry["dtype"]), bool(entry["causal"]))
-            _kernels[(device, arch, workload)] = modules[entry["library"]][entry["name"]]
-            loaded.append(workload)
+        for workload, fn in found:
+            if _replace or (device, arch, workload) not in _kernels:
+                _kernels[(device, arch, workload)] = fn
     from . import ops
 
     ops._kernel.cache_clear()  # kernels looked up before this load are looked up again
-    log.info("tvm_flash: loaded %d exported kernels for %s %s from %s", len(loaded), kind, arch, folder)
-    return loaded
+    log.info("tvm_flash: loaded %d exported kernels for %s %s from %s", len(found), kind, arch, folder)
+    return [w for w, _ in found]
+
+
+def _load_env() -> None:
+    """Load ``$TVM_FLASH_KERNELS`` once (kernels loaded explicitly before keep precedence)."""
+    global _env_loaded
+    if _env_loaded:
+        return
+    with _env_lock:
+        if not _env_loaded:
+            for folder in filter(None, os.environ.get("TVM_FLASH_KERNELS", "").split(os.pathsep)):
+                load(folder, _replace=False)
+            _env_loaded = True  # only once every folder loaded: a failure is raised again next call
 
 
 def exported_kernel(device: str, arch: str, workload: Workload):
-    """The loaded kernel for a workload on a device kind and arch, or None."""
-    global _env_loaded
-    if not _env_loaded:
-        _env_loaded = True
-        for folder in filter(None, os.environ.get("TVM_FLASH_KERNELS", "").split(os.pathsep)):
-            load(folder)
-    return _kernels.get((device, arch, workload))
+    """The loaded kernel for a workload on a device kind and arch, or None.  Warns (once per
+    workload) when kernels for it are loaded only for another CUDA arch."""
+    _load_env()
+    kernel = _kernels.get((device, arch, workload))
+    if kernel is None:
+        others = sorted(a for (d, a, w) in list(_kernels) if d == device and w == workload and a != arch)
+        if others:
+            log.warning("tvm_flash: exported %s kernels are loaded for %s, but this device is %s: not used",
+                        workload.name, ", ".join(others), arch)
+    return kernel
 
 
 def loaded_workloads() -> list[tuple[str, str, Workload]]:

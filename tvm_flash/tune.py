@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -487,8 +488,11 @@ def _measure_defaults(db, mod, target, space, builder, runner, echo) -> float | 
         echo(f"[tune] the default knobs failed to build: {error_line(built.error_msg)}")
         return None
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
-    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
-    result = future.result()
+    try:
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+        result = future.result()
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg or not result.run_secs:
         echo(f"[tune] the default knobs failed to run: {error_line(result.error_msg or 'no times')}")
         return None
@@ -569,6 +573,8 @@ def tuned_knobs(workload: Workload, target: tvm.target.Target, root: Path | None
         stale = {k: v for k, v in knobs.items() if k not in space or v not in space[k]}
         if stale or not knobs:
             raise ValueError(f"knobs {stale or '(none)'} are not in the schedule's knob space (a log from other kernel code?)")
+        if not knobs_valid(workload, target.kind.name, knobs):
+            raise ValueError(f"knobs {knobs} are rejected by the schedule's check_knobs (a log from other kernel code?)")
     except Exception as err:  # noqa: BLE001 - a bad log must never break attention
         log.warning("tvm_flash: tuning log %s could not be applied (%s: %s); using default knobs", rec_path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         return None
