@@ -41,6 +41,67 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
     LQ, LKV, LS = BM * D // NT, BN * D // NT, BM * BN // NT
     is_causal = bool(causal)
 
+    # Phases both kernels run, as macros (expanded in place): the query-side rows
+    # [row0, row0 + BM) of head hq against the keys [col0, col0 + BN) of kv head hk.
+
+    @T.macro
+    def load_rows(q_s, do_s, q, do, b, hq, row0, Sq):
+        for tx, i in T.grid(NT, LQ):
+            with T.sblock("load_q"):
+                T.reads()
+                T.writes()
+                r: T.let[T.int32] = (i * NT + tx) // D
+                c: T.let[T.int32] = (i * NT + tx) % D
+                q_s[r, c] = T.if_then_else(row0 + r < Sq, q[b, hq, row0 + r, c], T.cast(0, dtype))
+                do_s[r, c] = T.if_then_else(row0 + r < Sq, do[b, hq, row0 + r, c], T.cast(0, dtype))
+
+    @T.macro
+    def row_delta(do_s, o, lse, dlse, dl_s, lse_s, b, hq, row0, Sq):
+        for tx in T.serial(NT):
+            with T.sblock("row_delta"):
+                T.reads()
+                T.writes()
+                acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                if tx < BM:
+                    acc[0] = T.float32(0)
+                    if row0 + tx < Sq:
+                        for d in T.serial(D):
+                            acc[0] = acc[0] + T.cast(do_s[tx, d], "float32") * T.cast(o[b, hq, row0 + tx, d], "float32")
+                        dl_s[tx] = acc[0] - dlse[b, hq, row0 + tx]
+                        lse_s[tx] = lse[b, hq, row0 + tx]
+                    else:
+                        dl_s[tx] = T.float32(0)
+                        lse_s[tx] = T.float32(0)
+
+    @T.macro
+    def load_keys(k_s, v_s, k, v, b, hk, col0, Sk):
+        for tx, i in T.grid(NT, LKV):
+            with T.sblock("load_kv"):
+                T.reads()
+                T.writes()
+                r: T.let[T.int32] = (i * NT + tx) // D
+                c: T.let[T.int32] = (i * NT + tx) % D
+                k_s[r, c] = T.if_then_else(col0 + r < Sk, k[b, hk, col0 + r, c], T.cast(0, dtype))
+                v_s[r, c] = T.if_then_else(col0 + r < Sk, v[b, hk, col0 + r, c], T.cast(0, dtype))
+
+    @T.macro
+    def p_ds(q_s, do_s, k_s, v_s, lse_s, dl_s, p_s, ds_s, row0, col0, Sq, Sk, scale):
+        for tx, i in T.grid(NT, LS):
+            with T.sblock("p_ds"):
+                T.reads()
+                T.writes()
+                dot = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                r: T.let[T.int32] = (i * NT + tx) // BN
+                c: T.let[T.int32] = (i * NT + tx) % BN
+                dot[0] = T.float32(0)
+                dot[1] = T.float32(0)
+                for d in T.serial(D):
+                    dot[0] = dot[0] + T.cast(q_s[r, d], "float32") * T.cast(k_s[c, d], "float32")
+                    dot[1] = dot[1] + T.cast(do_s[r, d], "float32") * T.cast(v_s[c, d], "float32")
+                masked = (row0 + r >= Sq) or (col0 + c >= Sk) or (is_causal and col0 + c > row0 + r)
+                p_s[r, c] = T.if_then_else(masked, T.float32(0), T.exp2((dot[0] * scale - lse_s[r]) * T.float32(LOG2E)))
+                ds_s[r, c] = T.if_then_else(masked, T.float32(0), p_s[r, c] * (dot[1] - dl_s[r]))
+
     @T.prim_func(s_tir=True)
     def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
                        lse_h: T.handle, dlse_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
@@ -79,62 +140,17 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                 n0: T.let[T.int32] = nt * BN
                 # Causal: query tiles wholly above this key tile (all rows < n0) see none of its keys.
                 mt0: T.let[T.int32] = T.if_then_else(is_causal, T.min(n0 // BM, T.ceildiv(Sq, BM)), 0)
+                load_keys(k_s, v_s, k, v, b, hk, n0, Sk)
                 for tx, i in T.grid(NT, LKV):
-                    with T.sblock("load_kv"):
+                    with T.sblock("init_dkdv"):
                         T.reads()
                         T.writes()
-                        r: T.let[T.int32] = (i * NT + tx) // D
-                        c: T.let[T.int32] = (i * NT + tx) % D
-                        k_s[r, c] = T.if_then_else(n0 + r < Sk, k[b, hk, n0 + r, c], T.cast(0, dtype))
-                        v_s[r, c] = T.if_then_else(n0 + r < Sk, v[b, hk, n0 + r, c], T.cast(0, dtype))
                         dk_acc[tx, i] = T.float32(0)
                         dv_acc[tx, i] = T.float32(0)
                 for g, mi in T.grid(Hq // Hkv, T.ceildiv(Sq, BM) - mt0):
-                    for tx, i in T.grid(NT, LQ):
-                        with T.sblock("load_q"):
-                            T.reads()
-                            T.writes()
-                            r: T.let[T.int32] = (i * NT + tx) // D
-                            c: T.let[T.int32] = (i * NT + tx) % D
-                            row: T.let[T.int32] = (mt0 + mi) * BM + r
-                            hq: T.let[T.int32] = hk * (Hq // Hkv) + g
-                            q_s[r, c] = T.if_then_else(row < Sq, q[b, hq, row, c], T.cast(0, dtype))
-                            do_s[r, c] = T.if_then_else(row < Sq, do[b, hq, row, c], T.cast(0, dtype))
-                    for tx in T.serial(NT):
-                        with T.sblock("row_delta"):
-                            T.reads()
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            row: T.let[T.int32] = (mt0 + mi) * BM + tx
-                            hq: T.let[T.int32] = hk * (Hq // Hkv) + g
-                            if tx < BM:
-                                acc[0] = T.float32(0)
-                                if row < Sq:
-                                    for d in T.serial(D):
-                                        acc[0] = acc[0] + T.cast(do_s[tx, d], "float32") * T.cast(o[b, hq, row, d], "float32")
-                                    dl_s[tx] = acc[0] - dlse[b, hq, row]
-                                    lse_s[tx] = lse[b, hq, row]
-                                else:
-                                    dl_s[tx] = T.float32(0)
-                                    lse_s[tx] = T.float32(0)
-                    for tx, i in T.grid(NT, LS):
-                        with T.sblock("p_ds"):
-                            T.reads()
-                            T.writes()
-                            dot = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                            r: T.let[T.int32] = (i * NT + tx) // BN
-                            c: T.let[T.int32] = (i * NT + tx) % BN
-                            row: T.let[T.int32] = (mt0 + mi) * BM + r
-                            dot[0] = T.float32(0)
-                            dot[1] = T.float32(0)
-                            for d in T.serial(D):
-                                dot[0] = dot[0] + T.cast(q_s[r, d], "float32") * T.cast(k_s[c, d], "float32")
-                                dot[1] = dot[1] + T.cast(do_s[r, d], "float32") * T.cast(v_s[c, d], "float32")
-                            masked = (row >= Sq) or (n0 + c >= Sk) or (is_causal and n0 + c > row)
-                            p_s[r, c] = T.if_then_else(
-                                masked, T.float32(0), T.exp2((dot[0] * scale - lse_s[r]) * T.float32(LOG2E))
-                            )
-                            ds_s[r, c] = p_s[r, c] * (dot[1] - dl_s[r])
+                    load_rows(q_s, do_s, q, do, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq)
+                    row_delta(do_s, o, lse, dlse, dl_s, lse_s, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq)
+                    p_ds(q_s, do_s, k_s, v_s, lse_s, dl_s, p_s, ds_s, (mt0 + mi) * BM, n0, Sq, Sk, scale)
                     for tx, i in T.grid(NT, LKV):
                         with T.sblock("dkdv"):
                             T.reads()
@@ -179,6 +195,7 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                 do_s = T.sblock_alloc_buffer((BM, D), dtype, scope=smem)
                 k_s = T.sblock_alloc_buffer((BN, D), dtype, scope=smem)
                 v_s = T.sblock_alloc_buffer((BN, D), dtype, scope=smem)
+                p_s = T.sblock_alloc_buffer((BM, BN), "float32", scope=smem)
                 ds_s = T.sblock_alloc_buffer((BM, BN), "float32", scope=smem)
                 lse_s = T.sblock_alloc_buffer((BM,), "float32", scope=smem)
                 dl_s = T.sblock_alloc_buffer((BM,), "float32", scope=smem)
@@ -188,30 +205,13 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                 b: T.let[T.int32] = bx // T.ceildiv(Sq, BM) // Hq
                 hk: T.let[T.int32] = hq // (Hq // Hkv)
                 m0: T.let[T.int32] = mt * BM
+                load_rows(q_s, do_s, q, do, b, hq, m0, Sq)
+                row_delta(do_s, o, lse, dlse, dl_s, lse_s, b, hq, m0, Sq)
                 for tx, i in T.grid(NT, LQ):
-                    with T.sblock("load_q"):
+                    with T.sblock("init_dq"):
                         T.reads()
                         T.writes()
-                        r: T.let[T.int32] = (i * NT + tx) // D
-                        c: T.let[T.int32] = (i * NT + tx) % D
-                        q_s[r, c] = T.if_then_else(m0 + r < Sq, q[b, hq, m0 + r, c], T.cast(0, dtype))
-                        do_s[r, c] = T.if_then_else(m0 + r < Sq, do[b, hq, m0 + r, c], T.cast(0, dtype))
                         dq_acc[tx, i] = T.float32(0)
-                for tx in T.serial(NT):
-                    with T.sblock("row_delta"):
-                        T.reads()
-                        T.writes()
-                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        if tx < BM:
-                            acc[0] = T.float32(0)
-                            if m0 + tx < Sq:
-                                for d in T.serial(D):
-                                    acc[0] = acc[0] + T.cast(do_s[tx, d], "float32") * T.cast(o[b, hq, m0 + tx, d], "float32")
-                                dl_s[tx] = acc[0] - dlse[b, hq, m0 + tx]
-                                lse_s[tx] = lse[b, hq, m0 + tx]
-                            else:
-                                dl_s[tx] = T.float32(0)
-                                lse_s[tx] = T.float32(0)
                 for nt in T.serial(
                     T.if_then_else(
                         is_causal,
@@ -219,32 +219,8 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                         T.ceildiv(Sk, BN),
                     )
                 ):
-                    for tx, i in T.grid(NT, LKV):
-                        with T.sblock("load_kv"):
-                            T.reads()
-                            T.writes()
-                            r: T.let[T.int32] = (i * NT + tx) // D
-                            c: T.let[T.int32] = (i * NT + tx) % D
-                            k_s[r, c] = T.if_then_else(nt * BN + r < Sk, k[b, hk, nt * BN + r, c], T.cast(0, dtype))
-                            v_s[r, c] = T.if_then_else(nt * BN + r < Sk, v[b, hk, nt * BN + r, c], T.cast(0, dtype))
-                    for tx, i in T.grid(NT, LS):
-                        with T.sblock("p_ds"):
-                            T.reads()
-                            T.writes()
-                            dot = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                            r: T.let[T.int32] = (i * NT + tx) // BN
-                            c: T.let[T.int32] = (i * NT + tx) % BN
-                            dot[0] = T.float32(0)
-                            dot[1] = T.float32(0)
-                            for d in T.serial(D):
-                                dot[0] = dot[0] + T.cast(q_s[r, d], "float32") * T.cast(k_s[c, d], "float32")
-                                dot[1] = dot[1] + T.cast(do_s[r, d], "float32") * T.cast(v_s[c, d], "float32")
-                            masked = (m0 + r >= Sq) or (nt * BN + c >= Sk) or (is_causal and nt * BN + c > m0 + r)
-                            ds_s[r, c] = T.if_then_else(
-                                masked,
-                                T.float32(0),
-                                T.exp2((dot[0] * scale - lse_s[r]) * T.float32(LOG2E)) * (dot[1] - dl_s[r]),
-                            )
+                    load_keys(k_s, v_s, k, v, b, hk, nt * BN, Sk)
+                    p_ds(q_s, do_s, k_s, v_s, lse_s, dl_s, p_s, ds_s, m0, nt * BN, Sq, Sk, scale)
                     for tx, i in T.grid(NT, LQ):
                         with T.sblock("dq"):
                             T.reads()
