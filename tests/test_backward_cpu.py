@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tvm_flash
@@ -76,6 +76,8 @@ def check(q, k, v, do, causal, dlse=None):
     sq=st.integers(1, 90), sk=st.integers(1, 90), d=st.sampled_from([32, 64]),
     causal=st.booleans(), seed=st.integers(0, 2**16),
 )
+# dV summed over 4 heads x 43 rows: one fp32 chain gave 1.05e-5 here; per-tile partial sums 3.3e-6
+@example(b=1, hkv=1, group=4, sq=43, sk=2, d=32, causal=False, seed=0)
 def test_fp32_gradients_match_float64(b, hkv, group, sq, sk, d, causal, seed):
     check(*make(b, hkv * group, hkv, sq, sk, d, torch.float32, seed), causal)
 

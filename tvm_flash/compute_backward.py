@@ -19,7 +19,8 @@ tiles, phases as loops over ``num_threads`` cooperating workers):
     for each key tile (causal: not above the diagonal):
         P, dS as above ;  dQ += scale * dS K
 
-Accumulation is float32; outputs are in the input dtype.  ``dlse`` (the gradient
+Accumulation is float32, summed per tile before it joins the running total (shorter
+rounding chains over long sequences and large GQA groups); outputs are in the input dtype.  ``dlse`` (the gradient
 flowing into the LSE output, zeros when unused) enters through ``delta``:
 d LSE_i / d S_ij = P_ij.  Shapes, GQA and causal alignment as in ``compute``.
 """
@@ -155,11 +156,16 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                         with T.sblock("dkdv"):
                             T.reads()
                             T.writes()
+                            part = T.sblock_alloc_buffer((2,), "float32", scope="local")
                             r: T.let[T.int32] = (i * NT + tx) // D
                             c: T.let[T.int32] = (i * NT + tx) % D
+                            part[0] = T.float32(0)
+                            part[1] = T.float32(0)
                             for m in T.serial(BM):
-                                dv_acc[tx, i] = dv_acc[tx, i] + p_s[m, r] * T.cast(do_s[m, c], "float32")
-                                dk_acc[tx, i] = dk_acc[tx, i] + ds_s[m, r] * T.cast(q_s[m, c], "float32")
+                                part[0] = part[0] + p_s[m, r] * T.cast(do_s[m, c], "float32")
+                                part[1] = part[1] + ds_s[m, r] * T.cast(q_s[m, c], "float32")
+                            dv_acc[tx, i] = dv_acc[tx, i] + part[0]  # per-tile partial sums: shorter
+                            dk_acc[tx, i] = dk_acc[tx, i] + part[1]  # fp32 chains over long groups
                 for tx, i in T.grid(NT, LKV):
                     with T.sblock("store_dkdv"):
                         T.reads()
@@ -225,10 +231,13 @@ def flash_backward(head_dim: int, dtype: str, causal: bool, *, block_m: int = 32
                         with T.sblock("dq"):
                             T.reads()
                             T.writes()
+                            part = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             r: T.let[T.int32] = (i * NT + tx) // D
                             c: T.let[T.int32] = (i * NT + tx) % D
+                            part[0] = T.float32(0)
                             for j in T.serial(BN):
-                                dq_acc[tx, i] = dq_acc[tx, i] + ds_s[r, j] * T.cast(k_s[j, c], "float32")
+                                part[0] = part[0] + ds_s[r, j] * T.cast(k_s[j, c], "float32")
+                            dq_acc[tx, i] = dq_acc[tx, i] + part[0]
                 for tx, i in T.grid(NT, LQ):
                     with T.sblock("store_dq"):
                         T.reads()
