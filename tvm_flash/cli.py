@@ -120,9 +120,12 @@ def export(args) -> int:
 
     target = tuning.make_target(args.target, args.arch if args.target == "cuda" else None)
     workloads = _workloads(args)
-    bad = [d for d in args.head_dim if not (32 <= d <= 256 and d % 8 == 0)]
+    from tvm_flash.ops import MAX_HEAD_DIM, MIN_HEAD_DIM  # the rule attention() enforces
+
+    bad = [d for d in args.head_dim if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0)]
     if bad:
-        print(f"tvm-flash export: head dims must be multiples of 8 in [32, 256], got {bad}", file=sys.stderr)
+        print(f"tvm-flash export: head dims must be multiples of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {bad}",
+              file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
