@@ -198,12 +198,21 @@ def test_log_holds_the_fastest_measured_candidate(logs, space):
     """The written record is the fastest of everything measured: the defaults' record and
     every candidate of the search (they must land in one workload entry)."""
     lines = []
-    best = tune.tune(WL, tune.tune_target("llvm"), trials=6, space=space, echo=lines.append)
+    best = tune.tune(WL, tune.tune_target("llvm"), trials=6, space=space, min_gain=0.0, echo=lines.append)
     progress = [_ms_of(ln) for ln in lines if " trials (" in ln and "best none" not in ln]
     defaults = [float(ln.rsplit(": ", 1)[1].split(" ms")[0]) for ln in lines if ln.startswith("[tune] defaults")]
     final = _ms_of(next(ln for ln in lines if ln.startswith("[tune] best")))
     assert progress, lines
     assert final <= min(progress + defaults) + 0.0015, lines  # printed with 3 decimals
+    assert tune.tuned_knobs(WL, make_target("llvm")) == best
+
+
+def test_defaults_kept_unless_beaten_by_min_gain(logs):
+    """With a gain no candidate can reach, the log holds the default knobs, whatever was faster."""
+    lines = []
+    best = tune.tune(WL, tune.tune_target("llvm"), trials=4, space=VALID, min_gain=100.0, echo=lines.append)
+    defaults = {k: int(v) for k, v in tune._knobs_in_space(WL, "llvm", VALID).items()}
+    assert {k: int(v) for k, v in best.items()} == defaults, lines
     assert tune.tuned_knobs(WL, make_target("llvm")) == best
 
 

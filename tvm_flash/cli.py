@@ -155,7 +155,7 @@ def tune(args) -> int:
     t0 = time.perf_counter()
     try:
         knobs = tuning.tune(
-            workload, target, args.trials, trials_per_iter=args.trials_per_iter, gqa=args.gqa,
+            workload, target, args.trials, trials_per_iter=args.trials_per_iter, gqa=args.gqa, min_gain=args.min_gain,
             rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
         )
     except ValueError as err:
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
                    help="time with G query heads per key/value head (the log serves every G)")
     t.add_argument("--trials", type=int, default=32)
     t.add_argument("--trials-per-iter", type=int, help="candidates built and timed per batch (default: all at once)")
+    t.add_argument("--min-gain", type=float, default=0.01, metavar="F",
+                   help="keep the default knobs unless a candidate is faster by more than F (default 0.01 = 1%%)")
     t.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
     t.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time candidates on the RPC fleet behind this tracker")

@@ -57,6 +57,7 @@ SPACE_ATTR = "tvm_flash.knob_space"
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 # Shapes (B, Hq, Hkv, Sq, Sk) the candidates are timed on, per target kind.
+MIN_GAIN = 0.01  # a candidate must beat the defaults by 1% (the re-measurement noise is ~0.5%)
 BUCKETS = {"cuda": (4, 16, 16, 4096, 4096), "llvm": (1, 2, 2, 256, 256)}
 
 
@@ -347,6 +348,7 @@ def tune(
     root: Path | None = None,
     space: dict[str, list[int]] | None = None,
     seed: int = 1,
+    min_gain: float = MIN_GAIN,
     echo=print,
 ) -> dict:
     """Tune the knobs of a workload; write the pruned log; return the best knobs.
@@ -355,7 +357,9 @@ def tune(
     never holds a knob set slower than the defaults on the bucket.  ``gqa`` times the
     candidates with that many query heads per key/value head (the log serves every group
     size: the kernel is the same).  ``space`` narrows the schedule module's ``KNOB_SPACE``
-    (knobs left out keep their defaults)."""
+    (knobs left out keep their defaults).  A candidate replaces the defaults only when it is
+    faster by more than ``min_gain`` (a fraction): a win inside the measurement noise at one
+    bucket is no reason to leave the hand-picked knobs for all lengths."""
     from tvm.s_tir import meta_schedule as ms
 
     KnobFeatures, MutateKnob, Progress, KnobCheck = _ms_classes()
@@ -401,7 +405,7 @@ def tune(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tvm_flash_tune_") as work_dir, _no_tensor_intrinsics():
         db = ms.database.JSONDatabase(work_dir=work_dir)
-        default_secs = _measure_defaults(db, mod, target, space, builder, runner, echo)
+        default_secs, default_rec = _measure_defaults(db, mod, target, space, builder, runner, echo)
         default_knobs = _knobs_in_space(workload, kind, space)
         progress = Progress(trials, echo, flops, default_secs, default_knobs if default_secs else None)
         ms.tune_tir(
@@ -425,6 +429,11 @@ def tune(
         best = _best_record(db, workload)
         if best is None:
             raise RuntimeError(f"tuning {workload_name(workload)}: no candidate built and ran successfully")
+        if default_rec is not None and _mean(best.run_secs) * (1 + min_gain) > default_secs:
+            if _mean(best.run_secs) < default_secs:
+                echo(f"[tune] keeping the defaults: the best candidate {_mean(best.run_secs) * 1e3:.3f} ms "
+                     f"{_knobs_of(best.trace, mod)} is not {min_gain:.0%} faster")
+            best = default_rec
         _write_pruned(best, mod, log_dir(workload, target, root))
     knobs = _knobs_of(best.trace, mod)
     secs = _mean(best.run_secs)
@@ -473,20 +482,21 @@ def _knobs_in_space(workload: Workload, kind: str, space: dict) -> dict:
     return {k: int(v) for k, v in effective_knobs(workload, kind, None).items() if k in space}
 
 
-def _measure_defaults(db, mod, target, space, builder, runner, echo) -> float | None:
-    """Build and time the schedule's default knobs; commit the record to ``db``."""
+def _measure_defaults(db, mod, target, space, builder, runner, echo):
+    """Build and time the schedule's default knobs; commit the record to ``db``.
+    Returns (mean seconds, record), or (None, None) when they cannot be measured."""
     from tvm.s_tir import meta_schedule as ms
 
     knobs = _knobs_in_space(read_workload(mod), target.kind.name, space)
     if any(int(knobs[k]) not in [int(c) for c in space[k]] for k in knobs):
-        return None  # the defaults are outside a narrowed space
+        return None, None  # the defaults are outside a narrowed space
     sch = tvm.s_tir.Schedule(mod)
     make_space_fn(space, knobs)(sch)
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg:
         echo(f"[tune] the default knobs failed to build: {error_line(built.error_msg)}")
-        return None
+        return None, None
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     try:
         (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
@@ -495,12 +505,13 @@ def _measure_defaults(db, mod, target, space, builder, runner, echo) -> float | 
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg or not result.run_secs:
         echo(f"[tune] the default knobs failed to run: {error_line(result.error_msg or 'no times')}")
-        return None
+        return None, None
     secs = _mean(result.run_secs)
     wl = db.commit_workload(mod)
-    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, [float(s) for s in result.run_secs], target, args_info))
+    record = ms.database.TuningRecord(sch.trace, wl, [float(s) for s in result.run_secs], target, args_info)
+    db.commit_tuning_record(record)
     echo(f"[tune] defaults {knobs}: {secs * 1e3:.3f} ms")
-    return secs
+    return secs, record
 
 
 @contextlib.contextmanager
