@@ -874,8 +874,9 @@ def main(argv=None) -> int:
                 plots_grid[dt] = args.plots.resolve() / f"{stem}-grid-{dt}.png"
                 plot_grid(pts, dt, card, plots_grid[dt])
         if "fp32" in chosen and len({p["seqlen"] for p in chosen["fp32"]["points"]}) > 1:
-            plots_fp32["fp32"] = args.plots.resolve() / f"{stem}-fp32-tflops.png"
-            plot_tflops(chosen["fp32"]["points"], "fp32", card, plots_fp32["fp32"])
+            card32 = chosen["fp32"]["meta"].get("device") or card  # the fp32 run may come from another card
+            plots_fp32["fp32"] = args.plots.resolve() / f"{card32.replace(' ', '_')}-fp32-tflops.png"
+            plot_tflops(chosen["fp32"]["points"], "fp32", card32, plots_fp32["fp32"])
     except ImportError as exc:  # no matplotlib: the markdown still gets written
         print(f"no plots: {exc}", file=sys.stderr)
         plots_tf, plots_vram, plots_grid, plots_fp32 = {}, {}, {}, {}

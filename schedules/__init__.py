@@ -7,14 +7,17 @@ module turns the unscheduled PrimFunc into one ready for ``tvm.compile``:
 - ``cuda_tc``    CUDA tensor cores (fp16/bf16, head dim a multiple of 16):
                  FlashAttention-2 at warp level (ldmatrix + mma.sync, cp.async
                  ring, P kept in registers).
+- ``cuda_ffma``  CUDA fp32 on CUDA cores (exact: no TF32), register-tiled per
+                 thread (rows x keys of S, rows x dims of O), cp.async ring.
 - ``cuda_simt``  CUDA, plain FFMA: one thread block per query tile, phases
                  bound to ``threadIdx.x``, tiles in shared memory.  Serves
-                 fp32 and the head dims the tensor-core kernel does not.
+                 the head dims the two kernels above do not (not multiples of 16).
 
-``for_target(kind, dtype, head_dim)`` picks the module for a workload.
+``for_target(kind, dtype, head_dim)`` picks the module for a workload's forward,
+``backward_for_target(kind)`` the one whose ``schedule_backward`` builds its backward.
 """
 
-from . import cpu, cuda_simt, cuda_tc
+from . import cpu, cuda_ffma, cuda_simt, cuda_tc
 
 
 def for_target(kind: str, dtype: str, head_dim: int):
@@ -22,5 +25,17 @@ def for_target(kind: str, dtype: str, head_dim: int):
     if kind == "llvm":
         return cpu
     if kind == "cuda":
-        return cuda_tc if cuda_tc.supports(head_dim, dtype) else cuda_simt
+        for module in (cuda_tc, cuda_ffma):
+            if module.supports(head_dim, dtype):
+                return module
+        return cuda_simt
     raise ValueError(f"no schedule for target kind {kind!r} (supported: 'llvm', 'cuda')")
+
+
+def backward_for_target(kind: str):
+    """The schedule module with ``schedule_backward`` for a target kind."""
+    if kind == "llvm":
+        return cpu
+    if kind == "cuda":
+        return cuda_simt
+    raise ValueError(f"no backward schedule for target kind {kind!r} (supported: 'llvm', 'cuda')")

@@ -215,7 +215,11 @@ def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
         print(tune.tuned_knobs(Workload(128, "bfloat16", True), build.make_target("cuda", "sm_90")) is not None)
         """
     )
-    env = {**_clean_env(), "PYTHONPATH": str(target)}
+    # TVM stays importable where it is not installed in site-packages (the GPU box's /tmp/site)
+    import tvm_ffi
+
+    tvm_home = str(Path(tvm_ffi.__file__).resolve().parents[1])
+    env = {**_clean_env(), "PYTHONPATH": os.pathsep.join([str(target), tvm_home])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     where, nlogs, sched, tuned = proc.stdout.split()

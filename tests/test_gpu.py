@@ -35,9 +35,10 @@ def test_sq_ne_sk_causal(dtype, sq, sk):
     assert_accurate(q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [32, 80, 96, 256])
-def test_other_head_dims(d):
-    q, k, v = rand_qkv(1, 2, 1, 200, 150, d, torch.bfloat16, "cuda", seed=d)
+def test_other_head_dims(d, dtype):
+    q, k, v = rand_qkv(1, 2, 1, 200, 150, d, dtype, "cuda", seed=d)
     assert_accurate(q, k, v, causal=True)
 
 
