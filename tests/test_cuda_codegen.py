@@ -1,5 +1,6 @@
 """CUDA code generation on a machine without a GPU: the fp32 FFMA kernel compiles with nvcc
-for sm_90 at every kind of head dim, keeping its register tiles in registers."""
+for sm_90 at every kind of head dim, keeping its register tiles in registers; the CUDA
+backward kernels compile too."""
 
 import re
 import shutil
@@ -28,3 +29,34 @@ def test_ffma_kernel_compiles_without_local_memory(tmp_path, d, causal):
     assert res.returncode == 0, res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
+
+
+def _nvcc(tmp_path, src):
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    return subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True)])
+def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
+    import tvm
+
+    from tvm_flash.build import Workload, backward_schedule_module, make_target
+
+    funcs = backward_schedule_module("cuda").schedule_backward(d, dtype, causal)
+    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq"]
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90")).mod.imports[0].inspect_source()
+    res = _nvcc(tmp_path, src)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("bytes stack frame") == 2  # both kernels
+
+
+def test_cuda_backward_is_opt_in(monkeypatch):
+    """Without TVM_FLASH_CUDA_BACKWARD=1 the CUDA backward is refused before any CUDA call."""
+    from tvm_flash.ops import CUDA_BACKWARD_ENV, _backward_kernels
+    from tvm_flash.workload import Workload
+
+    monkeypatch.delenv(CUDA_BACKWARD_ENV, raising=False)
+    with pytest.raises(NotImplementedError, match=f"CPU only.*{CUDA_BACKWARD_ENV}=1"):
+        _backward_kernels("cuda", 0, Workload(64, "float16", False))

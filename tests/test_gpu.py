@@ -78,7 +78,8 @@ def test_second_process_reuses_cached_cuda_kernel(tmp_path):
     check_reuse(tmp_path, "cuda")
 
 
-def test_cuda_backward_is_refused_clearly():
+def test_cuda_backward_is_refused_clearly(monkeypatch):
+    monkeypatch.delenv("TVM_FLASH_CUDA_BACKWARD", raising=False)
     q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     out = tvm_flash.attention(q, k, v)
     with pytest.raises(NotImplementedError, match="CPU only"):

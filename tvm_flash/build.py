@@ -65,6 +65,12 @@ def schedule_module(kind: str, workload: Workload):
     return schedules.for_target(kind, workload.dtype, workload.head_dim)
 
 
+def backward_schedule_module(kind: str):
+    from . import schedules
+
+    return schedules.backward_for_target(kind)
+
+
 def scheduled_func(workload: Workload, kind: str, knobs: dict | None = None):
     """The scheduled PrimFunc for a workload on a target kind (schedule defaults unless ``knobs``)."""
     sched = schedule_module(kind, workload)
@@ -72,7 +78,7 @@ def scheduled_func(workload: Workload, kind: str, knobs: dict | None = None):
 
 
 def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None, backward: bool = False) -> str:
-    sched = schedule_module(target.kind.name, workload)
+    sched = backward_schedule_module(target.kind.name) if backward else schedule_module(target.kind.name, workload)
     blob = json.dumps(
         {
             "workload": dataclasses.asdict(workload),
@@ -109,12 +115,8 @@ def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | 
 
 def get_backward_kernels(workload: Workload, target: tvm.target.Target):
     """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload (``compute_backward``), from memory,
-    disk or a fresh build.  Only schedules with ``schedule_backward`` have one (the CPU)."""
-    sched = schedule_module(target.kind.name, workload)
-    if not hasattr(sched, "schedule_backward"):
-        raise NotImplementedError(
-            f"tvm_flash: the backward pass runs on the CPU only so far (no {target.kind.name} backward kernel yet)"
-        )
+    disk or a fresh build (CPU: ``schedules.cpu``; CUDA: ``schedules.cuda_simt``)."""
+    sched = backward_schedule_module(target.kind.name)
     key = cache_key(workload, target, None, backward=True)
     with _lock:
         fns = _memory.get(key)

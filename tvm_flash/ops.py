@@ -5,7 +5,8 @@ on torch's current stream.  The custom op (with a fake implementation) makes
 ``torch.compile`` treat the kernel as one opaque node (eager calls that need no
 autograd skip its dispatch cost and call the kernel directly).  Backward
 (``tvm_flash::flash_bwd``: dQ, dK, dV from the saved LSE, ``compute_backward``) runs
-on the CPU; on CUDA it raises a clear ``NotImplementedError`` (no CUDA kernel yet).
+on the CPU; on CUDA it raises a clear ``NotImplementedError`` unless
+``TVM_FLASH_CUDA_BACKWARD=1`` enables the experimental (plain FFMA) CUDA kernels.
 
 Inputs that are not contiguous (or whose start is not 16-byte aligned) are
 copied once; outputs are always new contiguous tensors.
@@ -13,9 +14,11 @@ copied once; outputs are always new contiguous tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+import os
 
 import torch
 
@@ -116,16 +119,26 @@ def _flash_fwd_fake(q, k, v, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _backward_kernels(device_type: str, workload: Workload):
-    if device_type != "cpu":
-        raise NotImplementedError(
-            "tvm_flash: the backward pass runs on the CPU only so far (a CUDA backward kernel is not built "
-            "yet); on CUDA use torch.nn.functional.scaled_dot_product_attention for training, or call "
-            "tvm_flash under torch.no_grad()"
-        )
-    from .build import get_backward_kernels, make_target
+CUDA_BACKWARD_ENV = "TVM_FLASH_CUDA_BACKWARD"
 
-    return get_backward_kernels(workload, make_target("llvm"))
+
+def _backward_kernels(device_type: str, device_index, workload: Workload):
+    if device_type == "cpu":
+        from .build import get_backward_kernels, make_target
+
+        return get_backward_kernels(workload, make_target("llvm"))
+    if device_type == "cuda" and os.environ.get(CUDA_BACKWARD_ENV) == "1":
+        # The plain FFMA backward (schedules.cuda_simt.schedule_backward): built and
+        # nvcc-checked, not yet validated on a GPU, hence opt-in.
+        from .build import get_backward_kernels, make_target
+
+        major, minor = torch.cuda.get_device_capability(device_index)
+        return get_backward_kernels(workload, make_target("cuda", f"sm_{major}{minor}"))
+    raise NotImplementedError(
+        f"tvm_flash: the backward pass runs on the CPU only so far (the CUDA backward kernel is experimental: "
+        f"{CUDA_BACKWARD_ENV}=1 enables it); on CUDA use torch.nn.functional.scaled_dot_product_attention "
+        f"for training, or call tvm_flash under torch.no_grad()"
+    )
 
 
 @torch.library.custom_op("tvm_flash::flash_bwd", mutates_args=())
@@ -137,10 +150,11 @@ def flash_bwd(
     q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
     lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
     dtype = str(q.dtype).removeprefix("torch.")
-    dkdv, dq_fn = _backward_kernels(q.device.type, Workload(q.shape[3], dtype, bool(causal)))
+    dkdv, dq_fn = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, float(scale))
-    dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, float(scale))
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, float(scale))
+        dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, float(scale))
     return dq, dk, dv
 
 
