@@ -51,12 +51,3 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr.count("bytes stack frame") == 2  # both kernels
 
-
-def test_cuda_backward_is_opt_in(monkeypatch):
-    """Without TVM_FLASH_CUDA_BACKWARD=1 the CUDA backward is refused before any CUDA call."""
-    from tvm_flash.ops import CUDA_BACKWARD_ENV, _backward_kernels
-    from tvm_flash.workload import Workload
-
-    monkeypatch.delenv(CUDA_BACKWARD_ENV, raising=False)
-    with pytest.raises(NotImplementedError, match=f"CPU only.*{CUDA_BACKWARD_ENV}=1"):
-        _backward_kernels("cuda", 0, Workload(64, "float16", False))

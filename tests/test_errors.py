@@ -46,14 +46,16 @@ def test_meta_device_rejected():
         tvm_flash.attention(q, k, v)
 
 
-def test_cuda_backward_raises_clear_error():
-    """No CUDA backward kernel yet: the request is refused by name, before any kernel runs
+def test_cuda_backward_raises_clear_error(monkeypatch):
+    """The CUDA backward kernel is opt-in until validated on a GPU: without
+    TVM_FLASH_CUDA_BACKWARD=1 the request is refused by name, before any CUDA call
     (tests/test_gpu.py checks the same through .backward() on a GPU)."""
-    from tvm_flash.ops import _backward_kernels
+    from tvm_flash.ops import CUDA_BACKWARD_ENV, _backward_kernels
     from tvm_flash.workload import Workload
 
-    with pytest.raises(NotImplementedError, match="backward pass runs on the CPU only"):
-        _backward_kernels("cuda", Workload(64, "float16", False))
+    monkeypatch.delenv(CUDA_BACKWARD_ENV, raising=False)
+    with pytest.raises(NotImplementedError, match=f"backward pass runs on the CPU only.*{CUDA_BACKWARD_ENV}=1"):
+        _backward_kernels("cuda", 0, Workload(64, "float16", False))
 
 
 def test_sdpa_compat_rejects_mask_dropout_and_implicit_gqa():
