@@ -51,3 +51,14 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr.count("bytes stack frame") == 2  # both kernels
 
+
+
+def test_wgmma_probe_compiles_for_sm90a():
+    """benchmarks/wgmma_probe.py (one Hopper wgmma through T.ptx) still generates CUDA that
+    nvcc assembles for sm_90a: the dialect a wgmma attention kernel would be written in."""
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[1] / "benchmarks" / "wgmma_probe.py"
+    res = subprocess.run([sys.executable, str(probe), "--source"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "nvcc sm_90a: ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
