@@ -70,7 +70,7 @@ def smem_bytes_backward(head_dim: int, dtype: str, block_m: int, block_n: int) -
 
 def default_knobs_backward(head_dim: int, dtype: str) -> dict:
     """The largest square tile that fits in static shared memory (block_n <= num_threads)."""
-    for bm, bn, nt in ((32, 32, 128), (16, 16, 128), (16, 16, 64), (16, 16, 32)):
+    for bm, bn, nt in ((32, 32, 128), (16, 16, 128), (16, 16, 64), (16, 16, 32), (8, 8, 64), (8, 8, 32)):
         try:
             check_tiles(head_dim, dtype, bm, bn, nt)
         except ValueError:

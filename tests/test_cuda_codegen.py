@@ -38,7 +38,8 @@ def _nvcc(tmp_path, src):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True)])
+@pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True),
+                                            (256, "float32", True)])
 def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     import tvm
 
