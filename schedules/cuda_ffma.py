@@ -11,8 +11,11 @@ inputs).  Like ``cuda_tc``, the kernel is written at thread level:
   float4 slices of Q (broadcast) and K from shared memory: rows*keys FFMAs per 16 bytes pair;
 * online softmax in registers: row max over the half-warp with ``shfl.xor`` 1..8, exact
   ``exp2f`` with scale*log2(e) folded in; each lane keeps a partial row sum (added up at the end);
-* P goes to the half-warp's own rows of a shared scratch tile (only ``__syncwarp`` needed),
-  then lane c accumulates O[rows, dims of c] += P V with float4 reads of P and V;
+* P goes to the half-warp's own rows of a shared scratch tile, then lane c accumulates
+  O[rows, dims of c] += P V with float4 reads of P and V.  A ``__syncwarp`` would order the P
+  writes and reads, but ``tvm_storage_sync("warp")`` emits nothing in TVM's CUDA codegen: the
+  ordering comes from the two ``__syncthreads`` TVM's ThreadSync pass inserts around P (4 per
+  key tile in all; removing those two is a known speed-up left to do);
 * epilogue: O / l, LSE = m * scale + ln(l); rows >= Sq are not written.
 
 Causal (top-left aligned, like torch SDPA ``is_causal``): key tiles above the diagonal are not

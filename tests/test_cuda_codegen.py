@@ -50,7 +50,10 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90")).mod.imports[0].inspect_source()
     res = _nvcc(tmp_path, src)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stderr.count("bytes stack frame") == 2  # both kernels
+    spills = [int(x) for x in re.findall(r"\d+ bytes stack frame, (\d+) bytes spill stores", res.stderr)]
+    # both kernels; this plain FFMA backward spills a little at some head dims (<= 60 bytes
+    # here; fp16 hd152 spills 4 KB): guard against it getting worse, not yet against any spill
+    assert len(spills) == 2 and max(spills) <= 64, res.stderr
 
 
 
