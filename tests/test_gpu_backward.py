@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import DTYPE_NAMES, gpu
-from test_backward_cpu import make, ours_grads, ref_grads, torch_grads
+from test_backward_cpu import grad_bounds, make, ours_grads, ref_grads
 from tvm_flash.ops import CUDA_BACKWARD_ENV, _backward_kernels
 from tvm_flash.workload import Workload
 
@@ -33,13 +33,6 @@ def cuda_backward(monkeypatch):
     monkeypatch.setenv(CUDA_BACKWARD_ENV, "1")
 
 
-def bounds(q, k, v, do, causal, ref):
-    if q.dtype == torch.float32:
-        return [1e-5] * 3
-    theirs = torch_grads(q.cuda(), k.cuda(), v.cuda(), do.cuda(), causal)
-    return [2 * (t.double().cpu() - r).abs().max().item() + 1e-6 for t, r in zip(theirs, ref)]
-
-
 @pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal", CASES)
 def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal):
     q, k, v, do = make(b, hq, hkv, sq, sk, d, dtype, seed=sq + sk + d)
@@ -57,7 +50,7 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal):
     dkdv(qc, kc, vc, out, doc, lse, grad_lse, dk, dv, scale)
     dq_fn(qc, kc, vc, out, doc, lse, grad_lse, dq, scale)
     torch.cuda.synchronize()
-    for name, a, r, bound in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, bounds(q, k, v, do, causal, ref)):
+    for name, a, r, bound in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, grad_bounds(q, k, v, do, causal, ref, "cuda")):
         assert not torch.isnan(a).any(), f"{name}: elements not written (NaN poison left)"
         err = (a.double().cpu() - r).abs().max().item()
         assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
@@ -67,7 +60,7 @@ def test_cuda_backward_through_autograd():
     q, k, v, do = make(1, 4, 2, 150, 150, 64, torch.bfloat16, seed=7)
     ref = ref_grads(q, k, v, do, True)
     ours = ours_grads(q.cuda(), k.cuda(), v.cuda(), do.cuda(), True)
-    for name, a, r, bound in zip(("dq", "dk", "dv"), ours, ref, bounds(q, k, v, do, True, ref)):
+    for name, a, r, bound in zip(("dq", "dk", "dv"), ours, ref, grad_bounds(q, k, v, do, True, ref, "cuda")):
         assert a.is_cuda and a.dtype == q.dtype, name
         err = (a.double().cpu() - r).abs().max().item()
         assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"

@@ -71,14 +71,21 @@ def _aligned(t):
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _cuda_arch(device_index) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def _on_device(device: torch.device):
+    """The CUDA device current for a launch (kernels run on its current stream); no-op on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(device_type: str, device_index, workload: Workload):
     """The kernel for a workload on a device (looked up once per process): an exported
     kernel loaded by ``tvm_flash.load`` when there is one, else a cached or fresh build."""
-    arch = ""
-    if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device_index)
-        arch = f"sm_{major}{minor}"
+    arch = _cuda_arch(device_index) if device_type == "cuda" else ""
     kernel = runtime.exported_kernel(device_type, arch, workload)
     if kernel is not None:
         return kernel
@@ -100,10 +107,7 @@ def _forward(q, k, v, causal: bool, scale: float):
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     dtype = str(q.dtype).removeprefix("torch.")
     kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):
-            kernel(q, k, v, out, lse, float(scale))
-    else:
+    with _on_device(q.device):
         kernel(q, k, v, out, lse, float(scale))
     return out, lse
 
@@ -132,8 +136,7 @@ def _backward_kernels(device_type: str, device_index, workload: Workload):
         # nvcc-checked, not yet validated on a GPU, hence opt-in.
         from .build import get_backward_kernels, make_target
 
-        major, minor = torch.cuda.get_device_capability(device_index)
-        return get_backward_kernels(workload, make_target("cuda", f"sm_{major}{minor}"))
+        return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
     raise NotImplementedError(
         f"tvm_flash: the backward pass runs on the CPU only so far (the CUDA backward kernel is experimental: "
         f"{CUDA_BACKWARD_ENV}=1 enables it); on CUDA use torch.nn.functional.scaled_dot_product_attention "
@@ -152,7 +155,7 @@ def flash_bwd(
     dtype = str(q.dtype).removeprefix("torch.")
     dkdv, dq_fn = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(q.device):
         dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, float(scale))
         dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, float(scale))
     return dq, dk, dv
