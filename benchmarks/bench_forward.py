@@ -167,10 +167,11 @@ def make_sdpa(q, k, v, causal):
 def make_tvm_default(q, k, v, causal):
     """tvm_flash's kernel built with the schedule's default knobs (tuning logs ignored)."""
     from tvm_flash.build import Workload, effective_knobs, get_kernel, make_target
+    from tvm_flash.ops import _cuda_arch
 
-    major, minor = torch.cuda.get_device_capability(q.device)
     wl = Workload(q.shape[-1], str(q.dtype).removeprefix("torch."), bool(causal))
-    kernel = get_kernel(wl, make_target("cuda", f"sm_{major}{minor}"), effective_knobs(wl, "cuda", None))
+    target = make_target("cuda", _cuda_arch(q.device.index))
+    kernel = get_kernel(wl, target, effective_knobs(wl, target, None))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1])

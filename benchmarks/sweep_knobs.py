@@ -51,8 +51,10 @@ def main():
     dtype = DTYPES[args.dtype]
     b, h = 16384 // s, 2048 // d
     work = Workload(d, str(dtype).removeprefix("torch."), args.causal)
-    arch = "sm_%d%d" % torch.cuda.get_device_capability()
-    module = schedule_module("cuda", work)
+    from tvm_flash.ops import _cuda_arch
+
+    arch = _cuda_arch(None)
+    module = schedule_module(make_target("cuda", arch), work)
     grid = dict(TC_GRID if module.__name__.endswith("cuda_tc") else module.KNOB_SPACE)
     for spec in args.knob:
         name, values = spec.split("=")

@@ -4,6 +4,10 @@ Installed as the package ``tvm_flash.schedules`` (see pyproject.toml).  Each
 module turns the unscheduled PrimFunc into one ready for ``tvm.compile``:
 
 - ``cpu``        LLVM: query tiles in parallel, inner loops unrolled/vectorized.
+- ``cuda_wgmma`` Hopper (target arch ``sm_90a``) tensor cores through warpgroup
+                 ``wgmma`` (fp16/bf16, head dims 64/128/192/256): Q/K/V tiles in
+                 128-byte-swizzled shared memory read by matrix descriptors, P kept
+                 in registers as the A operand of the second wgmma.
 - ``cuda_tc``    CUDA tensor cores (fp16/bf16, head dim a multiple of 16):
                  FlashAttention-2 at warp level (ldmatrix + mma.sync, cp.async
                  ring, P kept in registers).
@@ -13,19 +17,21 @@ module turns the unscheduled PrimFunc into one ready for ``tvm.compile``:
                  bound to ``threadIdx.x``, tiles in shared memory.  Serves
                  the head dims the two kernels above do not (not multiples of 16).
 
-``for_target(kind, dtype, head_dim)`` picks the module for a workload's forward,
+``for_target(kind, dtype, head_dim, arch)`` picks the module for a workload's forward,
 ``backward_for_target(kind)`` the one whose ``schedule_backward`` builds its backward.
 """
 
-from . import cpu, cuda_ffma, cuda_simt, cuda_tc
+from . import cpu, cuda_ffma, cuda_simt, cuda_tc, cuda_wgmma
 
 
-def for_target(kind: str, dtype: str, head_dim: int):
-    """The schedule module used for a target kind ("llvm" or "cuda")."""
+def for_target(kind: str, dtype: str, head_dim: int, arch: str | None = None):
+    """The schedule module used for a target kind ("llvm" or "cuda") and CUDA arch ("sm_90a"
+    enables the wgmma kernel; plain "sm_90" and others use the mma.sync kernel)."""
     if kind == "llvm":
         return cpu
     if kind == "cuda":
-        for module in (cuda_tc, cuda_ffma):
+        candidates = (cuda_wgmma, cuda_tc, cuda_ffma) if arch == "sm_90a" else (cuda_tc, cuda_ffma)
+        for module in candidates:
             if module.supports(head_dim, dtype):
                 return module
         return cuda_simt

@@ -1,5 +1,4 @@
-"""The CUDA backward (``schedules.cuda_simt.schedule_backward``; opt-in with
-TVM_FLASH_CUDA_BACKWARD=1 until these tests have passed on a GPU) against float64 autograd.
+"""The CUDA backward (``schedules.cuda_simt.schedule_backward``) against float64 autograd.
 
 The kernels are called directly on NaN-poisoned dQ/dK/dV, then once end to end through
 ``loss.backward()``.  Accuracy rule as on the CPU: fp32 within 1e-5; fp16/bf16 within 2x
@@ -13,7 +12,7 @@ import torch
 
 from conftest import DTYPE_NAMES, gpu
 from test_backward_cpu import grad_bounds, make, ours_grads, ref_grads
-from tvm_flash.ops import CUDA_BACKWARD_ENV, _backward_kernels
+from tvm_flash.ops import _backward_kernels
 from tvm_flash.workload import Workload
 
 pytestmark = gpu
@@ -26,11 +25,6 @@ CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal
     (torch.bfloat16, 1, 2, 1, 200, 333, 128, False),
     (torch.float16, 1, 4, 4, 100, 100, 96, True),
 ]
-
-
-@pytest.fixture(autouse=True)
-def cuda_backward(monkeypatch):
-    monkeypatch.setenv(CUDA_BACKWARD_ENV, "1")
 
 
 @pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal", CASES)

@@ -59,10 +59,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TVM_FLASH_CACHE") or Path.home() / ".cache" / "tvm_flash")
 
 
-def schedule_module(kind: str, workload: Workload):
+def _kind_arch(target) -> tuple[str, str | None]:
+    """(kind, arch) of a Target, or of a bare kind string ("cuda" means plain sm_90-class CUDA)."""
+    if isinstance(target, str):
+        return target, None
+    kind = target.kind.name
+    return kind, (str(target.attrs.get("arch", "")) or None) if kind == "cuda" else None
+
+
+def schedule_module(target, workload: Workload):
+    """The schedule module of a workload's forward on ``target`` (a Target, or a kind string)."""
     from . import schedules
 
-    return schedules.for_target(kind, workload.dtype, workload.head_dim)
+    kind, arch = _kind_arch(target)
+    return schedules.for_target(kind, workload.dtype, workload.head_dim, arch)
 
 
 def backward_schedule_module(kind: str):
@@ -71,14 +81,14 @@ def backward_schedule_module(kind: str):
     return schedules.backward_for_target(kind)
 
 
-def scheduled_func(workload: Workload, kind: str, knobs: dict | None = None):
-    """The scheduled PrimFunc for a workload on a target kind (schedule defaults unless ``knobs``)."""
-    sched = schedule_module(kind, workload)
+def scheduled_func(workload: Workload, target, knobs: dict | None = None):
+    """The scheduled PrimFunc for a workload on a target (or kind; schedule defaults unless ``knobs``)."""
+    sched = schedule_module(target, workload)
     return sched.schedule(workload.head_dim, workload.dtype, workload.causal, **(knobs or {}))
 
 
 def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None, backward: bool = False) -> str:
-    sched = backward_schedule_module(target.kind.name) if backward else schedule_module(target.kind.name, workload)
+    sched = backward_schedule_module(target.kind.name) if backward else schedule_module(target, workload)
     blob = json.dumps(
         {
             "workload": dataclasses.asdict(workload),
@@ -109,7 +119,7 @@ def _source_hash(schedule_module_name: str) -> str:
 
 def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | None = None):
     """Compile (no cache): returns the tvm Executable."""
-    func = scheduled_func(workload, target.kind.name, knobs)
+    func = scheduled_func(workload, target, knobs)
     return tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target)
 
 
@@ -165,9 +175,9 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, comp
     return tvm.runtime.load_module(str(path))
 
 
-def effective_knobs(workload: Workload, kind: str, knobs: dict | None) -> dict:
+def effective_knobs(workload: Workload, target, knobs: dict | None) -> dict:
     """The knobs a kernel is built with: ``knobs`` over the schedule's defaults."""
-    sched = schedule_module(kind, workload)
+    sched = schedule_module(target, workload)
     try:
         defaults = sched.default_knobs(workload.head_dim, workload.dtype, workload.causal)
     except TypeError:  # schedules whose defaults do not depend on causality
@@ -196,9 +206,9 @@ def export(workloads, target: tvm.target.Target, folder) -> Path:
         funcs = {}
         for wl in (w for w in workloads if w.dtype == dtype):
             knobs = tuned_knobs(wl, target)
-            funcs[wl.name] = scheduled_func(wl, kind, knobs).with_attr("global_symbol", wl.name)
+            funcs[wl.name] = scheduled_func(wl, target, knobs).with_attr("global_symbol", wl.name)
             entries.append({"name": wl.name, **dataclasses.asdict(wl), "library": library,
-                            "knobs": effective_knobs(wl, kind, knobs), "tuned": knobs is not None})
+                            "knobs": effective_knobs(wl, target, knobs), "tuned": knobs is not None})
         log.info("tvm_flash: exporting %d %s kernels for %s", len(funcs), dtype, target)
         _write_atomic(folder / library, tvm.compile(tvm.IRModule(funcs), target=target).export_library)
     manifest = {

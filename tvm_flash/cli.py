@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     t.add_argument("--min-gain", type=float, default=0.01, metavar="F",
                    help="keep the default knobs unless a candidate is faster by more than F (default 0.01 = 1%%)")
     t.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
-    t.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
+    t.add_argument("--arch", default="sm_90a", help="CUDA arch (default sm_90a: Hopper's wgmma kernel; sm_90 for the mma.sync one)")
     t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time candidates on the RPC fleet behind this tracker")
     t.add_argument("--rpc-key", metavar="KEY", help="device key of the RPC servers")
     e = sub.add_parser("export", help="build workloads from their tuning logs into DIR for tvm_flash.load (no compiler)")
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     e.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp16"])
     e.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     e.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
-    e.add_argument("--arch", default="sm_90", help="CUDA arch (default sm_90)")
+    e.add_argument("--arch", default="sm_90a", help="CUDA arch (default sm_90a: Hopper's wgmma kernel; sm_90 for the mma.sync one)")
     args = parser.parse_args(argv)
     if args.cmd in (None, "demo"):
         if args.cmd is None:

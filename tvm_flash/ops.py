@@ -5,8 +5,7 @@ on torch's current stream.  The custom op (with a fake implementation) makes
 ``torch.compile`` treat the kernel as one opaque node (eager calls that need no
 autograd skip its dispatch cost and call the kernel directly).  Backward
 (``tvm_flash::flash_bwd``: dQ, dK, dV from the saved LSE, ``compute_backward``) runs
-on the CPU; on CUDA it raises a clear ``NotImplementedError`` unless
-``TVM_FLASH_CUDA_BACKWARD=1`` enables the experimental (plain FFMA) CUDA kernels.
+on the CPU (LLVM) and on CUDA (plain FFMA kernels: correct, not yet fast).
 
 Inputs that are not contiguous (or whose start is not 16-byte aligned) are
 copied once; outputs are always new contiguous tensors.
@@ -18,7 +17,6 @@ import contextlib
 import functools
 import math
 import numbers
-import os
 
 import torch
 
@@ -72,8 +70,10 @@ def _aligned(t):
 
 
 def _cuda_arch(device_index) -> str:
+    """The arch kernels are built for: "sm_90a" on Hopper (compute capability 9.0, where the
+    arch-specific wgmma instructions exist), else "sm_<major><minor>"."""
     major, minor = torch.cuda.get_device_capability(device_index)
-    return f"sm_{major}{minor}"
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
 
 
 def _on_device(device: torch.device):
@@ -123,25 +123,16 @@ def _flash_fwd_fake(q, k, v, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-CUDA_BACKWARD_ENV = "TVM_FLASH_CUDA_BACKWARD"
-
-
 def _backward_kernels(device_type: str, device_index, workload: Workload):
+    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload on a device: LLVM on the CPU, the plain
+    FFMA CUDA kernels (``schedules.cuda_simt.schedule_backward``) on a GPU."""
+    from .build import get_backward_kernels, make_target
+
     if device_type == "cpu":
-        from .build import get_backward_kernels, make_target
-
         return get_backward_kernels(workload, make_target("llvm"))
-    if device_type == "cuda" and os.environ.get(CUDA_BACKWARD_ENV) == "1":
-        # The plain FFMA backward (schedules.cuda_simt.schedule_backward): built and
-        # nvcc-checked, not yet validated on a GPU, hence opt-in.
-        from .build import get_backward_kernels, make_target
-
+    if device_type == "cuda":
         return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
-    raise NotImplementedError(
-        f"tvm_flash: the backward pass runs on the CPU only so far (the CUDA backward kernel is experimental: "
-        f"{CUDA_BACKWARD_ENV}=1 enables it); on CUDA use torch.nn.functional.scaled_dot_product_attention "
-        f"for training, or call tvm_flash under torch.no_grad()"
-    )
+    raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
 
 
 @torch.library.custom_op("tvm_flash::flash_bwd", mutates_args=())

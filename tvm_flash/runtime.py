@@ -147,8 +147,10 @@ def exported_kernel(device: str, arch: str, workload: Workload):
     workload) when kernels for it are loaded only for another CUDA arch."""
     _load_env()
     kernel = _kernels.get((device, arch, workload))
+    if kernel is None and arch.endswith("a"):  # e.g. an sm_90 export runs on an sm_90a device
+        kernel = _kernels.get((device, arch[:-1], workload))
     if kernel is None:
-        others = sorted(a for (d, a, w) in list(_kernels) if d == device and w == workload and a != arch)
+        others = sorted(a for (d, a, w) in list(_kernels) if d == device and w == workload and a not in (arch, arch[:-1]))
         if others:
             log.warning("tvm_flash: exported %s kernels are loaded for %s, but this device is %s: not used",
                         workload.name, ", ".join(others), arch)

@@ -106,8 +106,9 @@ def list_logs(root: Path | None = None) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- workload and space
 
 
-def knob_space(workload: Workload, kind: str) -> dict[str, list[int]]:
-    return dict(schedule_module(kind, workload).KNOB_SPACE)
+def knob_space(workload: Workload, target) -> dict[str, list[int]]:
+    """The knob space of the workload's schedule module on ``target`` (a Target or kind)."""
+    return dict(schedule_module(target, workload).KNOB_SPACE)
 
 
 def workload_mod(workload: Workload, target: tvm.target.Target, bucket: tuple | None = None) -> tvm.IRModule:
@@ -139,7 +140,7 @@ def workload_mod(workload: Workload, target: tvm.target.Target, bucket: tuple | 
             lse[0, 0, 0] = T.float32(0)
 
     func = main.with_attr(WORKLOAD_ATTR, json.dumps(dataclasses.asdict(workload), sort_keys=True))
-    func = func.with_attr(SPACE_ATTR, json.dumps(knob_space(workload, kind), sort_keys=True))
+    func = func.with_attr(SPACE_ATTR, json.dumps(knob_space(workload, target), sort_keys=True))
     return tvm.IRModule({"main": func})
 
 
@@ -369,9 +370,9 @@ def tune(
         raise ValueError(f"--gqa must divide the bucket's {hq} query heads, got {gqa}")
     bucket = (b, hq, hq // gqa, sq, sk)
     mod = workload_mod(workload, target, bucket)
-    space = space or knob_space(workload, kind)
+    space = space or knob_space(workload, target)
     ncand = math.prod(len(c) for c in space.values())
-    nvalid = sum(knobs_valid(workload, kind, dict(zip(space, combo))) for combo in itertools.product(*space.values()))
+    nvalid = sum(knobs_valid(workload, target, dict(zip(space, combo))) for combo in itertools.product(*space.values()))
     if nvalid == 0:
         raise ValueError(f"no knob set of {space} is valid for {workload_name(workload)}")
     trials = min(trials, nvalid)
@@ -399,14 +400,14 @@ def tune(
     )
     flops = bucket_flops(workload, bucket)
     knob_check = KnobCheck()
-    knob_check.kind = kind
+    knob_check.kind = target
     echo(f"[tune] {workload_name(workload)} on {target_tag(target)}, bucket B,Hq,Hkv,Sq,Sk={bucket}: "
          f"{trials} trials over {nvalid} valid of {ncand} knob sets {space}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tvm_flash_tune_") as work_dir, _no_tensor_intrinsics():
         db = ms.database.JSONDatabase(work_dir=work_dir)
         default_secs, default_rec = _measure_defaults(db, mod, target, space, builder, runner, echo)
-        default_knobs = _knobs_in_space(workload, kind, space)
+        default_knobs = _knobs_in_space(workload, target, space)
         progress = Progress(trials, echo, flops, default_secs, default_knobs if default_secs else None)
         ms.tune_tir(
             mod,
@@ -460,9 +461,10 @@ def error_line(text: str | None) -> str:
     return (named or lines or ["unknown error"])[-1][:300]
 
 
-def knobs_valid(workload: Workload, kind: str, knobs: dict) -> bool:
-    """Whether the schedule accepts these knobs (``check_knobs``; True if it has none)."""
-    check = getattr(schedule_module(kind, workload), "check_knobs", None)
+def knobs_valid(workload: Workload, target, knobs: dict) -> bool:
+    """Whether the schedule on ``target`` (a Target or kind) accepts these knobs (``check_knobs``;
+    True if it has none)."""
+    check = getattr(schedule_module(target, workload), "check_knobs", None)
     if check is None:
         return True
     try:
@@ -476,10 +478,10 @@ def _mean(run_secs) -> float:
     return sum(float(s) for s in run_secs) / len(run_secs)
 
 
-def _knobs_in_space(workload: Workload, kind: str, space: dict) -> dict:
+def _knobs_in_space(workload: Workload, target, space: dict) -> dict:
     from .build import effective_knobs
 
-    return {k: int(v) for k, v in effective_knobs(workload, kind, None).items() if k in space}
+    return {k: int(v) for k, v in effective_knobs(workload, target, None).items() if k in space}
 
 
 def _measure_defaults(db, mod, target, space, builder, runner, echo):
@@ -487,7 +489,7 @@ def _measure_defaults(db, mod, target, space, builder, runner, echo):
     Returns (mean seconds, record), or (None, None) when they cannot be measured."""
     from tvm.s_tir import meta_schedule as ms
 
-    knobs = _knobs_in_space(read_workload(mod), target.kind.name, space)
+    knobs = _knobs_in_space(read_workload(mod), target, space)
     if any(int(knobs[k]) not in [int(c) for c in space[k]] for k in knobs):
         return None, None  # the defaults are outside a narrowed space
     sch = tvm.s_tir.Schedule(mod)
@@ -580,11 +582,11 @@ def tuned_knobs(workload: Workload, target: tvm.target.Target, root: Path | None
             log.warning("tvm_flash: tuning log %s has no record for %s; using default knobs", rec_path, workload_name(workload))
             return None
         knobs = _knobs_of(record.trace, record.workload.mod)
-        space = knob_space(workload, target.kind.name)
+        space = knob_space(workload, target)
         stale = {k: v for k, v in knobs.items() if k not in space or v not in space[k]}
         if stale or not knobs:
             raise ValueError(f"knobs {stale or '(none)'} are not in the schedule's knob space (a log from other kernel code?)")
-        if not knobs_valid(workload, target.kind.name, knobs):
+        if not knobs_valid(workload, target, knobs):
             raise ValueError(f"knobs {knobs} are rejected by the schedule's check_knobs (a log from other kernel code?)")
     except Exception as err:  # noqa: BLE001 - a bad log must never break attention
         log.warning("tvm_flash: tuning log %s could not be applied (%s: %s); using default knobs", rec_path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
