@@ -191,7 +191,9 @@ def test_non_editable_install_finds_schedules_and_tuning_logs(tmp_path):
     wheel_dir, target, src = tmp_path / "wheel", tmp_path / "site", tmp_path / "src"
     # Build from a copy of the tracked files: no build/ or egg-info lands in the repository,
     # and nothing stale from an earlier build/ can slip into the wheel.
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # (+ untracked files git does not ignore: a checkout whose index lags its files still installs them all)
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
     for rel in filter(None, tracked.split("\0")):
         if (ROOT / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
