@@ -3,7 +3,7 @@
 #
 #   benchmarks/tune_all.sh LOGDIR        (the tuning logs go to tuning_logs/, or $TVM_FLASH_TUNING_LOGS)
 #
-# Environment: HEADDIMS (default "64 128"), DTYPES ("bf16 fp16"), CAUSAL ("no yes"), TRIALS (32),
+# Environment: ARCH (default sm_90a: the wgmma kernel; sm_90: mma.sync), HEADDIMS (default "64 128"), DTYPES ("bf16 fp16"), CAUSAL ("no yes"), TRIALS (32),
 # BUDGET_S (540: no new tune starts when less than MIN_S=60 s is left), PYTHON (python3).
 # Each workload's output goes to LOGDIR/tune-<workload>.log; a summary line per workload is printed.
 set -u
@@ -24,7 +24,7 @@ for d in ${HEADDIMS:-64 128}; do
       if (( left < MIN_S )); then echo "$name: skipped (${left}s left)"; continue; fi
       t0=$(date +%s)
       timeout -k 10 "$left" $PY -m tvm_flash tune --head-dim "$d" --dtype "$t" $([ "$c" = yes ] && echo --causal) \
-        --trials "${TRIALS:-32}" >"$LOGDIR/tune-$name.log" 2>&1
+        --arch "${ARCH:-sm_90a}" --trials "${TRIALS:-32}" >"$LOGDIR/tune-$name.log" 2>&1
       rc=$?
       echo "$name: rc $rc in $(( $(date +%s) - t0 ))s | $(grep -E '^\[tune\] (defaults|best)' "$LOGDIR/tune-$name.log" | tr '\n' ' ' | cut -c1-400)"
     done

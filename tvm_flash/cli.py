@@ -92,8 +92,9 @@ def info(args) -> int:
         import torch
 
         if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            target = f"cuda sm_{major}{minor} ({torch.cuda.get_device_name()})"
+            from .ops import _cuda_arch
+
+            target = f"cuda {_cuda_arch(None)} ({torch.cuda.get_device_name()})"
     except ImportError:
         pass
     print(f"target here: {target}")
