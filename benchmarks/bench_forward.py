@@ -52,6 +52,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -540,12 +541,19 @@ def version_of(module_name: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """$TVM_FLASH_GIT_COMMIT if set (a copy of the tree whose .git is stale, as on the GPU
+    box), else HEAD, marked "-dirty" when tracked files differ from it."""
+    if os.environ.get("TVM_FLASH_GIT_COMMIT"):
+        return os.environ["TVM_FLASH_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).resolve().parent, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=here, timeout=10)
     except Exception:
         return None
-    return out.stdout.strip() or None
+    sha = head.stdout.strip()
+    return (sha + ("-dirty" if dirty.stdout.strip() else "")) or None
 
 
 def run_metadata(args, argv: list[str], tvm_error: str | None) -> dict:

@@ -554,7 +554,7 @@ def section_targets(chosen, lines):
             if fa2_theo:
                 detail += f"; SDPA-flash's theoretical occupancy is {rng(fa2_theo, '%')}"
         if hm:
-            detail += f". Tensor-pipe (mma.sync/HMMA) utilization instead: tvm_flash {rng(hm, '%')}"
+            detail += f". Tensor-pipe utilization instead (ncu's HMMA-pipe metric; whether it counts Hopper wgmma as it counts mma.sync is not established): tvm_flash {rng(hm, '%')}"
             if fa2_hm:
                 detail += f", SDPA-flash {rng(fa2_hm, '%')}"
         if fa2_ach:
