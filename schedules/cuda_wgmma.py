@@ -67,8 +67,14 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages):
         raise ValueError(f"block_n must be a multiple of 16 in [16, 256], got {block_n}")
     if num_stages < 2:
         raise ValueError("num_stages must be >= 2")
-    if block_n // 2 + head_dim // 2 + block_n // 4 > 200:
-        raise ValueError(f"head_dim={head_dim}, block_n={block_n}: too many accumulator registers per thread")
+    # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
+    # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3), else ptxas spills and
+    # serializes the wgmmas (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
+    acc = block_n // 2 + head_dim // 2 + block_n // 4
+    budget = min(255, 65536 // (128 * num_wg))
+    if acc > 190 or acc + 30 > budget:
+        raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
+                         f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
     if smem_bytes(head_dim, num_wg, block_n, num_stages) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 

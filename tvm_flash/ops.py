@@ -126,13 +126,18 @@ def _flash_fwd_fake(q, k, v, causal, scale):
 def _backward_kernels(device_type: str, device_index, workload: Workload):
     """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload on a device: LLVM on the CPU, the plain
     FFMA CUDA kernels (``schedules.cuda_simt.schedule_backward``) on a GPU."""
-    from .build import get_backward_kernels, make_target
-
+    if device_type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
+    try:
+        from .build import get_backward_kernels, make_target  # imports the TVM compiler
+    except ImportError as err:
+        raise RuntimeError(
+            f"tvm_flash: the backward of {workload.name} is built at first use and needs the TVM compiler, "
+            f"which failed to import ({err}); exported kernels serve the forward only"
+        ) from err
     if device_type == "cpu":
         return get_backward_kernels(workload, make_target("llvm"))
-    if device_type == "cuda":
-        return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
-    raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
+    return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
 
 
 @torch.library.custom_op("tvm_flash::flash_bwd", mutates_args=())
