@@ -32,10 +32,12 @@ Entry points as every schedule module: ``supports``, ``default_knobs``, ``schedu
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import tvm
 from tvm.script import tirx as T
+from tvm.script.parser.core.utils import inspect_function_capture
 
 __all__ = ["supports", "default_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
@@ -51,12 +53,23 @@ __forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"
 """
 
 
+def _body_macro(fn):
+    """``T.macro(hygienic=False)`` (the body sees the kernel's local names at the use site)
+    that also sees its own closure: TVM's non-hygienic macros drop it, so the captured names
+    are bound as keyword-only parameters with defaults (TVM binds a macro's defaults)."""
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+             for name, value in inspect_function_capture(fn).items() if name not in sig.parameters]
+    fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    return T.macro(hygienic=False)(fn)
+
+
 def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2):
     """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack)."""
     return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024
 
 
-def _check(head_dim, dtype, num_wg, block_n, num_stages):
+def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False):
     if dtype not in _PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -70,7 +83,7 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages):
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3), else ptxas spills and
     # serializes the wgmmas (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
-    acc = block_n // 2 + head_dim // 2 + block_n // 4
+    acc = block_n // 2 * (2 if overlap else 1) + head_dim // 2 + block_n // 4
     budget = min(255, 65536 // (128 * num_wg))
     if acc > 190 or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
@@ -88,6 +101,7 @@ def forward_wgmma(
     block_n: int = 128,
     num_stages: int = 2,
     defer_pv_wait: bool | None = None,
+    overlap: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
 
@@ -95,10 +109,18 @@ def forward_wgmma(
     Q K^T (they overlap the barrier and the next issue); else wait at the end of the iteration.
     Default: deferred when not causal (with the causal masking ptxas serializes the deferred
     wgmmas: warning C7515).
+
+    ``overlap`` (opt-in, compile-checked, NOT yet run on a GPU, not in ``KNOB_SPACE``): FA3's
+    intra-warpgroup pipelining: the Q K^T wgmmas of tile j+1 are issued before the softmax of
+    tile j (two S register sets, loop unrolled by two); needs ``num_stages >= 3`` (tile j+1
+    must have landed one step early); ``defer_pv_wait`` is moot.  ptxas reports C7515
+    (serialized wgmmas) for it so far.
     """
     if defer_pv_wait is None:
         defer_pv_wait = not causal
-    _check(head_dim, dtype, num_wg, block_n, num_stages)
+    if overlap and num_stages < 3:
+        raise ValueError("overlap needs num_stages >= 3")
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     BM = 64 * NWG
     NT = 128 * NWG
@@ -150,6 +172,87 @@ def forward_wgmma(
                 cp_async(T.address_of(smem[K_OFF + so]), T.address_of(k[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
                 cp_async(T.address_of(smem[V_OFF + so]), T.address_of(v[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
 
+    # The loop body's pieces (hygienic=False: they use the kernel's local names).
+    @_body_macro
+    def pin_all(buf, n):
+        # pin registers after wgmma.wait_group (the C++ compiler must not move their reads
+        # above it: it cannot see the asynchronous writes)
+        for i in T.unroll(n):
+            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=_PIN_SRC)
+
+    @_body_macro
+    def issue_s(sb, slot):
+        # S = Q K^T of the tile in ring slot `slot`, both from shared memory; committed, not waited
+        wg_fence()
+        for kd in T.unroll(KD):
+            wg_ss(*[sb[i] for i in range(SACC)],
+                  desc[0] + T.uint64(((kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
+                  desc[1] + T.uint64(((slot * NP + kd // 4) * KV_PANEL * 2 + (kd % 4) * 32) >> 4),
+                  kd > 0, 1, 1, 0, 0)
+        wg_commit()
+
+    @_body_macro
+    def softmax_pv(sb, jt, slot):
+        # masking (key-tail / diagonal tiles only), online softmax, O *= alpha, then
+        # O += P V with P from registers and V (MN-major) from shared memory; committed, not waited
+        n0 = jt * BN
+        if (n0 + BN > Sk) or (causal and n0 + BN - 1 > m0 + wg * 64):
+            for nt, hh, e2 in T.grid(BN // 8, 2, 2):
+                row = m0 + wg * 64 + warp * 16 + g + hh * 8
+                col = n0 + nt * 8 + t4 * 2 + e2
+                if (col >= Sk) or (causal and col > row):
+                    sb[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
+        for hh in T.unroll(2):
+            red[0] = m_i[hh]
+            for nt, e2 in T.grid(BN // 8, 2):
+                red[0] = T.max(red[0], sb[nt * 4 + hh * 2 + e2])
+            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
+            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
+            mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
+            ex2(alpha[0], (m_i[hh] - mu[0]) * sl2)
+            m_i[hh] = red[0]
+            red[0] = mu[0] * sl2
+            for nt, e2 in T.grid(BN // 8, 2):
+                ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
+            l_i[hh] = l_i[hh] * alpha[0]
+            for nt, e2 in T.grid(BN // 8, 2):
+                l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
+            for dt, e2 in T.grid(D // 8, 2):
+                acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * alpha[0]
+        for kn in T.unroll(KN):
+            pack2(pf[kn * 4 + 0], sb[(2 * kn) * 4 + 1], sb[(2 * kn) * 4 + 0])
+            pack2(pf[kn * 4 + 1], sb[(2 * kn) * 4 + 3], sb[(2 * kn) * 4 + 2])
+            pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
+            pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
+        wg_fence()
+        for kn in T.unroll(KN):
+            wg_rs(*[acc[i] for i in range(OACC)],
+                  pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
+                  desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
+                  True, 1, 1, 1)
+        wg_commit()
+
+    @_body_macro
+    def overlap_step(jt, s_cur, s_next):
+        # S_jt is in flight (issued by the previous step); tile jt+1 must be in shared memory
+        # to issue S_{jt+1} now.  Ring: tile jt+1 was loaded two steps ago (num_stages >= 3).
+        if jt + 1 < n_blk:
+            wait_group(NS - 3)  # tile jt+1 landed (own copies)
+            fence_proxy()
+            T.tvm_storage_sync("shared")
+            issue_s(s_next, (jt + 1) % NS)
+            wg_wait(1)  # all but S_{jt+1}: S_jt and P V_{jt-1} are complete
+        else:
+            wg_wait(0)
+        pin_all(s_cur, SACC)
+        pin_all(acc, OACC)
+        # every warpgroup has waited for P V_{jt-1}: tile jt-1's slot is free
+        T.tvm_storage_sync("shared")
+        if jt + NS - 1 < n_blk:
+            load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
+        commit()
+        softmax_pv(s_cur, jt, jt % NS)
+
     # fmt: off
     @T.prim_func
     def flash_fwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
@@ -172,6 +275,7 @@ def forward_wgmma(
                     smem = T.alloc_buffer((SMEM,), dtype, scope="shared.dyn", align=1024)
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         s = T.alloc_buffer((SACC,), "float32", scope="local")
+                        s2 = T.alloc_buffer((SACC if overlap else 1,), "float32", scope="local")
                         acc = T.alloc_buffer((OACC,), "float32", scope="local")
                         pf = T.alloc_buffer((KN * 4,), "uint32", scope="local")
                         desc = T.alloc_buffer((3,), "uint64", scope="local")
@@ -216,77 +320,36 @@ def forward_wgmma(
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[K_OFF]), 1, K_SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[V_OFF]), V_LBO, V_SBO, 3)
 
-                        for j in T.serial(n_blk):
-                            wait_group(NS - 2)  # tile j (and Q) landed: own copies
-                            fence_proxy()  # ... visible to the tensor cores' async proxy
-                            T.tvm_storage_sync("shared")  # ... and everyone's copies
-                            slot = j % NS
-                            # ---- S = Q K^T (both from shared memory) ----
-                            wg_fence()
-                            for kd in T.unroll(KD):
-                                wg_ss(*[s[i] for i in range(SACC)],
-                                      desc[0] + T.uint64(((kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
-                                      desc[1] + T.uint64(((slot * NP + kd // 4) * KV_PANEL * 2 + (kd % 4) * 32) >> 4),
-                                      kd > 0, 1, 1, 0, 0)
-                            wg_commit()
-                            wg_wait(0)  # S_j and the previous P V are complete
-                            # pin the accumulators after the wait (the C++ compiler must not move
-                            # their reads above it: it cannot see the asynchronous writes)
-                            for i in T.unroll(SACC):
-                                T.cuda.func_call("tvm_flash_pin", s[i], source_code=_PIN_SRC)
-                            for i in T.unroll(OACC):
-                                T.cuda.func_call("tvm_flash_pin", acc[i], source_code=_PIN_SRC)
-                            # every warpgroup is past tile j-1: refill its slot
+                        if not overlap:
+                            for j in T.serial(n_blk):
+                                wait_group(NS - 2)  # tile j (and Q) landed: own copies
+                                fence_proxy()  # ... visible to the tensor cores' async proxy
+                                T.tvm_storage_sync("shared")  # ... and everyone's copies
+                                slot = j % NS
+                                issue_s(s, slot)
+                                wg_wait(0)  # S_j and the previous P V are complete
+                                pin_all(s, SACC)
+                                pin_all(acc, OACC)
+                                # every warpgroup is past tile j-1: refill its slot
+                                T.tvm_storage_sync("shared")
+                                if j + NS - 1 < n_blk:
+                                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
+                                commit()
+                                softmax_pv(s, j, slot)
+                                if not defer_pv_wait:
+                                    wg_wait(0)
+                                    pin_all(acc, OACC)
+                        else:
+                            # S_{j+1} runs on the tensor cores while the softmax of tile j runs on
+                            # the CUDA cores (two S register sets, loop unrolled by two)
+                            wait_group(NS - 2)
+                            fence_proxy()
                             T.tvm_storage_sync("shared")
-                            if j + NS - 1 < n_blk:
-                                load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
-                            commit()
-
-                            # ---- masking (key-tail / diagonal tiles only) ----
-                            n0 = j * BN
-                            if (n0 + BN > Sk) or (causal and n0 + BN - 1 > m0 + wg * 64):
-                                for nt, hh, e2 in T.grid(BN // 8, 2, 2):
-                                    row = m0 + wg * 64 + warp * 16 + g + hh * 8
-                                    col = n0 + nt * 8 + t4 * 2 + e2
-                                    if (col >= Sk) or (causal and col > row):
-                                        s[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
-
-                            # ---- online softmax ----
-                            for hh in T.unroll(2):
-                                red[0] = m_i[hh]
-                                for nt, e2 in T.grid(BN // 8, 2):
-                                    red[0] = T.max(red[0], s[nt * 4 + hh * 2 + e2])
-                                red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
-                                red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
-                                mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
-                                ex2(alpha[0], (m_i[hh] - mu[0]) * sl2)
-                                m_i[hh] = red[0]
-                                red[0] = mu[0] * sl2
-                                for nt, e2 in T.grid(BN // 8, 2):
-                                    ex2(s[nt * 4 + hh * 2 + e2], s[nt * 4 + hh * 2 + e2] * sl2 - red[0])
-                                l_i[hh] = l_i[hh] * alpha[0]
-                                for nt, e2 in T.grid(BN // 8, 2):
-                                    l_i[hh] = l_i[hh] + s[nt * 4 + hh * 2 + e2]
-                                for dt, e2 in T.grid(D // 8, 2):
-                                    acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * alpha[0]
-
-                            # ---- O += P V: P from registers, V (MN-major) from shared memory ----
-                            for kn in T.unroll(KN):
-                                pack2(pf[kn * 4 + 0], s[(2 * kn) * 4 + 1], s[(2 * kn) * 4 + 0])
-                                pack2(pf[kn * 4 + 1], s[(2 * kn) * 4 + 3], s[(2 * kn) * 4 + 2])
-                                pack2(pf[kn * 4 + 2], s[(2 * kn + 1) * 4 + 1], s[(2 * kn + 1) * 4 + 0])
-                                pack2(pf[kn * 4 + 3], s[(2 * kn + 1) * 4 + 3], s[(2 * kn + 1) * 4 + 2])
-                            wg_fence()
-                            for kn in T.unroll(KN):
-                                wg_rs(*[acc[i] for i in range(OACC)],
-                                      pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
-                                      desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
-                                      True, 1, 1, 1)
-                            wg_commit()
-                            if not defer_pv_wait:
-                                wg_wait(0)
-                                for i in T.unroll(OACC):
-                                    T.cuda.func_call("tvm_flash_pin", acc[i], source_code=_PIN_SRC)
+                            issue_s(s, 0)
+                            for jj in T.serial((n_blk + 1) // 2):
+                                overlap_step(2 * jj, s, s2)
+                                if 2 * jj + 1 < n_blk:
+                                    overlap_step(2 * jj + 1, s2, s)
 
                         wg_wait(0)
                         for i in T.unroll(OACC):
@@ -334,11 +397,14 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
 
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
-    _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"])
+    _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)))
+    if k.get("overlap") and k["num_stages"] < 3:
+        raise ValueError("overlap needs num_stages >= 3")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = {**default_knobs(head_dim, dtype, causal), **knobs}
-    if knobs.get("defer_pv_wait") is not None:
-        knobs["defer_pv_wait"] = bool(knobs["defer_pv_wait"])
+    for name in ("defer_pv_wait", "overlap"):
+        if knobs.get(name) is not None:
+            knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

@@ -97,3 +97,25 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     for d in (64, 128, 192, 256):  # the defaults fit
         cuda_wgmma.check_knobs(d, "bfloat16", True, {})
         cuda_wgmma.check_knobs(d, "float16", False, {})
+
+
+def test_wgmma_overlap_variant_assembles(tmp_path):
+    """The opt-in intra-warpgroup overlap (not yet run on a GPU) keeps assembling for sm_90a
+    without register spills, so the next GPU session can measure it."""
+    import tvm
+
+    from tvm_flash.build import Workload, make_target, schedule_module
+
+    target = make_target("cuda", "sm_90a")
+    sched = schedule_module(target, Workload(128, "bfloat16", True))
+    func = sched.schedule(128, "bfloat16", True, num_wg=2, block_n=64, num_stages=3, overlap=1)
+    src = tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target).mod.imports[0].inspect_source()
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert frame and frame.groups() == ("0", "0"), res.stderr
+    with pytest.raises(ValueError, match="num_stages >= 3"):
+        sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "num_stages": 2, "num_wg": 2, "block_n": 64})
