@@ -233,6 +233,18 @@ def forward_wgmma(
         wg_commit()
 
     @_body_macro
+    def refill_softmax_pv(sb, jt, slot):
+        # after the wait that completed S_jt and P V_{jt-1}: pin their registers; once every
+        # warpgroup is past that wait, tile jt-1's ring slot is free: refill it; then softmax + P V
+        pin_all(sb, SACC)
+        pin_all(acc, OACC)
+        T.tvm_storage_sync("shared")
+        if jt + NS - 1 < n_blk:
+            load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
+        commit()
+        softmax_pv(sb, jt, slot)
+
+    @_body_macro
     def overlap_step(jt, s_cur, s_next):
         # S_jt is in flight (issued by the previous step); tile jt+1 must be in shared memory
         # to issue S_{jt+1} now.  Ring: tile jt+1 was loaded two steps ago (num_stages >= 3).
@@ -244,14 +256,7 @@ def forward_wgmma(
             wg_wait(1)  # all but S_{jt+1}: S_jt and P V_{jt-1} are complete
         else:
             wg_wait(0)
-        pin_all(s_cur, SACC)
-        pin_all(acc, OACC)
-        # every warpgroup has waited for P V_{jt-1}: tile jt-1's slot is free
-        T.tvm_storage_sync("shared")
-        if jt + NS - 1 < n_blk:
-            load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
-        commit()
-        softmax_pv(s_cur, jt, jt % NS)
+        refill_softmax_pv(s_cur, jt, jt % NS)
 
     # fmt: off
     @T.prim_func
@@ -328,14 +333,7 @@ def forward_wgmma(
                                 slot = j % NS
                                 issue_s(s, slot)
                                 wg_wait(0)  # S_j and the previous P V are complete
-                                pin_all(s, SACC)
-                                pin_all(acc, OACC)
-                                # every warpgroup is past tile j-1: refill its slot
-                                T.tvm_storage_sync("shared")
-                                if j + NS - 1 < n_blk:
-                                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
-                                commit()
-                                softmax_pv(s, j, slot)
+                                refill_softmax_pv(s, j, slot)
                                 if not defer_pv_wait:
                                     wg_wait(0)
                                     pin_all(acc, OACC)

@@ -310,11 +310,11 @@ def _ms_classes():
             pass
 
         def apply(self, sch) -> bool:
-            return knobs_valid(read_workload(sch.mod), self.kind, read_knobs(sch.mod))
+            return knobs_valid(read_workload(sch.mod), self.target, read_knobs(sch.mod))
 
         def clone(self):
             twin = KnobCheck()
-            twin.kind = self.kind
+            twin.target = self.target
             return twin
 
     return KnobFeatures, MutateKnob, Progress, KnobCheck
@@ -400,7 +400,7 @@ def tune(
     )
     flops = bucket_flops(workload, bucket)
     knob_check = KnobCheck()
-    knob_check.kind = target
+    knob_check.target = target
     echo(f"[tune] {workload_name(workload)} on {target_tag(target)}, bucket B,Hq,Hkv,Sq,Sk={bucket}: "
          f"{trials} trials over {nvalid} valid of {ncand} knob sets {space}")
     t0 = time.perf_counter()
