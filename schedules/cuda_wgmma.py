@@ -20,8 +20,17 @@ This kernel is ``cuda_tc``'s algorithm moved onto ``wgmma``:
   wgmma; O += P V with ``block_n / 16`` wgmma ``m64n{head_dim}k16`` (A from registers, V from
   shared memory read "transposed", i.e. MN-major: LBO = bytes between 64-column panels, SBO =
   1024 bytes between 8-key groups);
-* K/V stream through a ``num_stages`` ring of ``cp.async`` groups; the tile j-1 slot is refilled
-  once every warpgroup has waited for its wgmmas that read it;
+* K/V stream through a ``num_stages`` ring in shared memory.  Two ways to fill it:
+  - all threads load (``ws=0``): ``cp.async`` groups, one ``__syncthreads`` per tile; the slot of
+    tile j-1 is refilled once every warpgroup has waited for its wgmmas that read it;
+  - warp specialized (``ws=1``, FA3's producer/consumer split without TMA): one more warpgroup
+    only loads; per ring slot a "full" mbarrier (``cp.async.mbarrier.arrive.noinc``: fires when
+    the loader's copies have landed) and an "empty" one (one arrival per consumer warp once its
+    wgmmas no longer read the tile), so consumer warpgroups never wait for each other and drift
+    apart (one's softmax runs while another's wgmmas do).  When the consumers need more
+    registers than the launch gives, ``setmaxnreg`` moves them from the loader;
+* loop order: plain (S_j, wait, softmax_j, P V_j) or, with ``overlap=1``, FA3's intra-warpgroup
+  order (issue S_{j+1}, rescale O, issue P V_j, wait S_{j+1}, softmax_{j+1} while P V_j runs);
 * epilogue as ``cuda_tc``: O / l to global (rows >= Sq not written), LSE = m * scale + ln(l).
 
 Shapes, GQA, causal (top-left aligned, tiles above the diagonal skipped), tails: as ``cuda_tc``.
@@ -52,6 +61,44 @@ _PIN_SRC = """
 __forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 """
 
+# mbarriers (warp-specialized variant): init, wait for a phase parity, arrive, arrive once this
+# thread's cp.async copies have landed; setmaxnreg moves registers from the loader warpgroup
+_MBAR_ASM = {  # one helper per name: TVM emits a func_call's source once per function name
+    "mbar_init": ("int count", 'mbarrier.init.shared::cta.b64 [%0], %1;", "r"(a), "r"(count)'),
+    "mbar_wait": ("int parity", '{\\n .reg .pred p;\\n TVM_FLASH_WAIT:\\n mbarrier.try_wait.parity.shared::cta.b64 p, '
+                  '[%0], %1;\\n @!p bra TVM_FLASH_WAIT;\\n}", "r"(a), "r"(parity)'),
+    "mbar_arrive": ("", 'mbarrier.arrive.shared::cta.b64 _, [%0];", "r"(a)'),
+    "cp_async_arrive": ("", 'cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];", "r"(a)'),
+}
+
+
+def _setmaxnreg(op, n):
+    name = f"tvm_flash_setmaxnreg_{op}_{n}"
+    src = f'__forceinline__ __device__ void {name}() {{ asm volatile("setmaxnreg.{op}.sync.aligned.u32 {n};"); }}\n'
+    return T.cuda.func_call(name, source_code=src)
+
+
+def _mbar(op, addr, *args):
+    params, asm = _MBAR_ASM[op]
+    ins = asm.split('", ', 1)[1]
+    src = (f"__forceinline__ __device__ void tvm_flash_{op}(void* bar{', ' + params if params else ''}) {{\n"
+           f"  unsigned a = (unsigned)__cvta_generic_to_shared(bar);\n"
+           f'  asm volatile("{asm.split(chr(34) + ", ", 1)[0]}" :: {ins} : "memory");\n}}\n')
+    return T.cuda.func_call(f"tvm_flash_{op}", addr, *args, source_code=src)
+
+
+def ws_registers(num_wg):
+    """(launch, loader, consumer) registers per thread of the warp-specialized variant: num_wg
+    consumer warpgroups + 1 loader warpgroup.  The launch gives every thread ``launch`` registers
+    (the most __launch_bounds__ allows); when the consumers need more, the loader gives registers
+    back (setmaxnreg.dec to ``loader``: its cp.async address arithmetic spills below 64) and the
+    consumers take them (setmaxnreg.inc to ``consumer``), within the launch's pool."""
+    nt = 128 * (num_wg + 1)
+    launch = min(255, 65536 // nt) // 8 * 8
+    loader = 64
+    consumer = min(240, (launch * nt - 128 * loader) // (128 * num_wg) // 8 * 8)
+    return launch, loader, consumer
+
 
 def _body_macro(fn):
     """``T.macro(hygienic=False)`` (the body sees the kernel's local names at the use site)
@@ -64,12 +111,18 @@ def _body_macro(fn):
     return T.macro(hygienic=False)(fn)
 
 
-def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2):
-    """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack)."""
-    return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024
+def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False):
+    """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack;
+    + 2 mbarriers per ring slot when warp specialized)."""
+    return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024 + (16 * num_stages if ws else 0)
 
 
-def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False):
+def _acc_regs(head_dim, block_n):
+    """S + O accumulators + packed P registers per thread."""
+    return block_n // 2 + head_dim // 2 + block_n // 4
+
+
+def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False):
     if dtype not in _PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -83,12 +136,12 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False):
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3), else ptxas spills and
     # serializes the wgmmas (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
-    acc = block_n // 2 * (2 if overlap else 1) + head_dim // 2 + block_n // 4
-    budget = min(255, 65536 // (128 * num_wg))
+    acc = _acc_regs(head_dim, block_n)
+    budget = ws_registers(num_wg)[2] if ws else min(255, 65536 // (128 * num_wg))
     if acc > 190 or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
-    if smem_bytes(head_dim, num_wg, block_n, num_stages) > MAX_SMEM:
+    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
 
@@ -102,6 +155,8 @@ def forward_wgmma(
     num_stages: int = 2,
     defer_pv_wait: bool | None = None,
     overlap: bool = False,
+    ws: bool = False,
+    ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
 
@@ -110,20 +165,35 @@ def forward_wgmma(
     Default: deferred when not causal (with the causal masking ptxas serializes the deferred
     wgmmas: warning C7515).
 
-    ``overlap`` (opt-in, compile-checked, NOT yet run on a GPU, not in ``KNOB_SPACE``): FA3's
-    intra-warpgroup pipelining: the Q K^T wgmmas of tile j+1 are issued before the softmax of
-    tile j (two S register sets, loop unrolled by two); needs ``num_stages >= 3`` (tile j+1
-    must have landed one step early); ``defer_pv_wait`` is moot.  ptxas reports C7515
-    (serialized wgmmas) for it so far.
+    ``overlap``: FA3's intra-warpgroup order: S_{j+1} = Q K_{j+1}^T is issued before O is
+    rescaled and P_j V_j issued; the softmax of tile j+1 then runs on the CUDA cores while P V_j
+    runs on the tensor cores (one S register set: P_{j+1} is packed after P V_j completes, since
+    wgmma reads its register operand asynchronously).  ``defer_pv_wait`` is moot.  Without
+    ``ws`` it needs ``num_stages >= 3`` (tile j+1 must land a step early).
+
+    ``ws``: warp specialization (module docstring): a loader warpgroup and mbarriers in place of
+    all-thread loads and ``__syncthreads``.
+
+    ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
+    a stage of the plain all-threads loop out: e (exp2), s (__syncthreads), l (refill loads),
+    p (P V wgmma), q (Q K^T wgmma).
     """
     if defer_pv_wait is None:
         defer_pv_wait = not causal
-    if overlap and num_stages < 3:
-        raise ValueError("overlap needs num_stages >= 3")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap)
+    if overlap and not ws and num_stages < 3:
+        raise ValueError("overlap needs num_stages >= 3 (or ws)")
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
+    # timing experiments only (the results are wrong): leave one stage of the loop out
+    AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
     BM = 64 * NWG
-    NT = 128 * NWG
+    NT = 128 * (NWG + int(ws))  # threads: num_wg consumer warpgroups (+ 1 loader when ws)
+    LT = 128 if ws else NT  # threads that load K/V (and Q)
+    R_LAUNCH, R_LOADER, R_CONSUMER = ws_registers(NWG)
+    # move registers to the consumers only when they need more than the launch gives: ptxas then
+    # allocates the launch maximum, which the setmaxnreg pool arithmetic assumes (a kernel that
+    # needs less may get fewer, and setmaxnreg.inc would wait forever)
+    REG_SPLIT = ws and _acc_regs(D, BN) + 40 > R_LAUNCH
     NP = D // 64  # 64-column panels per row
     KD = D // 16  # k16 steps of Q K^T
     KN = BN // 16  # k16 steps of P V
@@ -133,11 +203,12 @@ def forward_wgmma(
     KV_PANEL = BN * 64
     K_OFF = NP * Q_PANEL  # element offsets in the shared buffer (all multiples of 512 = 1 KiB)
     V_OFF = K_OFF + NS * NP * KV_PANEL
-    SMEM = V_OFF + NS * NP * KV_PANEL
-    Q_IT = BM * (D // 8) // NT  # 16-byte copies per thread
-    assert BM * (D // 8) % NT == 0
-    KV_REM = BN * (D // 8) % NT  # block_n * D/8 need not divide by the thread count
-    KV_IT_ALL = (BN * (D // 8) + NT - 1) // NT
+    BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws: mbarriers full[NS], empty[NS] (8 bytes each)
+    SMEM = BAR_OFF + (8 * NS if ws else 0)
+    Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
+    assert BM * (D // 8) % LT == 0
+    KV_REM = BN * (D // 8) % LT  # block_n * D/8 need not divide by the thread count
+    KV_IT_ALL = (BN * (D // 8) + LT - 1) // LT
     # descriptor fields are in 16-byte units
     K_SBO = 1024 >> 4
     V_LBO, V_SBO = (KV_PANEL * 2) >> 4, 1024 >> 4  # checked on the GPU: the swapped order is wrong
@@ -161,7 +232,7 @@ def forward_wgmma(
     @T.macro
     def load_kv(smem, k, v, bz, hk, Sk, tile, slot, tx):
         for it in T.unroll(KV_IT_ALL):
-            e = it * NT + tx
+            e = it * LT + tx
             if KV_REM == 0 or e < BN * (D // 8):
                 # e -> (panel, row, chunk-in-panel): a warp covers 4 rows x 8 chunks of one panel
                 c8 = (e // (8 * BN)) * 8 + e % 8
@@ -171,6 +242,44 @@ def forward_wgmma(
                 ok = T.if_then_else(kr < Sk, T.uint32(16), T.uint32(0))
                 cp_async(T.address_of(smem[K_OFF + so]), T.address_of(k[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
                 cp_async(T.address_of(smem[V_OFF + so]), T.address_of(v[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
+
+    @_body_macro
+    def load_q(lt):
+        # Q tile -> shared (zero-filled past Sq); lt: this thread's index among the LT loaders
+        for it in T.unroll(Q_IT):
+            e = it * LT + lt
+            c8 = (e // (8 * BM)) * 8 + e % 8
+            r = (e // 8) % BM
+            cp_async(T.address_of(smem[(c8 // 8) * Q_PANEL + r * 64 + ((c8 % 8) ^ (r % 8)) * 8]),
+                     T.address_of(q[bz, hq, T.min(m0 + r, Sq - 1), c8 * 8]), 16,
+                     T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
+
+    @_body_macro
+    def producer():
+        # the loader warpgroup (ws): Q, then K/V tile t into ring slot t % NS once the consumers
+        # have released the tile that held it (empty barrier), then an arrive on the slot's full
+        # barrier that fires when this thread's copies have landed (128 arrivals per phase)
+        if REG_SPLIT:
+            _setmaxnreg("dec", R_LOADER)
+        load_q(tx - NWG * 128)
+        for t in T.serial(n_blk):
+            if t >= NS:
+                _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + t % NS)]), (t // NS - 1) % 2)
+            load_kv(smem, k, v, bz, hk, Sk, t, t % NS, tx - NWG * 128)
+            _mbar("cp_async_arrive", T.address_of(smem[BAR_OFF + 4 * (t % NS)]))
+        wait_group(0)
+
+    @_body_macro
+    def wait_full(jt):
+        # ws: tile jt landed (all loader threads' copies), then visible to the async proxy
+        _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
+        fence_proxy()
+
+    @_body_macro
+    def release(jt):
+        # ws: this warp no longer reads tile jt (one arrival per consumer warp)
+        if lane == 0:
+            _mbar("mbar_arrive", T.address_of(smem[BAR_OFF + 4 * (NS + jt % NS)]))
 
     # The loop body's pieces (hygienic=False: they use the kernel's local names).
     @_body_macro
@@ -184,7 +293,7 @@ def forward_wgmma(
     def issue_s(sb, slot):
         # S = Q K^T of the tile in ring slot `slot`, both from shared memory; committed, not waited
         wg_fence()
-        for kd in T.unroll(KD):
+        for kd in T.unroll(0 if AB_S else KD):
             wg_ss(*[sb[i] for i in range(SACC)],
                   desc[0] + T.uint64(((kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
                   desc[1] + T.uint64(((slot * NP + kd // 4) * KV_PANEL * 2 + (kd % 4) * 32) >> 4),
@@ -213,7 +322,10 @@ def forward_wgmma(
             m_i[hh] = red[0]
             red[0] = mu[0] * sl2
             for nt, e2 in T.grid(BN // 8, 2):
-                ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
+                if AB_EXP:
+                    sb[nt * 4 + hh * 2 + e2] = sb[nt * 4 + hh * 2 + e2] * sl2 - red[0]
+                else:
+                    ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
             l_i[hh] = l_i[hh] * alpha[0]
             for nt, e2 in T.grid(BN // 8, 2):
                 l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
@@ -225,11 +337,12 @@ def forward_wgmma(
             pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
             pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
         wg_fence()
-        for kn in T.unroll(KN):
-            wg_rs(*[acc[i] for i in range(OACC)],
-                  pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
-                  desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
-                  True, 1, 1, 1)
+        if not AB_PV:
+            for kn in T.unroll(KN):
+                wg_rs(*[acc[i] for i in range(OACC)],
+                      pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
+                      desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
+                      True, 1, 1, 1)
         wg_commit()
 
     @_body_macro
@@ -238,25 +351,170 @@ def forward_wgmma(
         # warpgroup is past that wait, tile jt-1's ring slot is free: refill it; then softmax + P V
         pin_all(sb, SACC)
         pin_all(acc, OACC)
-        T.tvm_storage_sync("shared")
-        if jt + NS - 1 < n_blk:
+        if not AB_SYNC:
+            T.tvm_storage_sync("shared")
+        if jt + NS - 1 < n_blk and not AB_LOAD:
             load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
         commit()
         softmax_pv(sb, jt, slot)
 
+    # FA3's intra-warpgroup order (overlap=1): the pieces of softmax_pv apart, so that the
+    # softmax of tile j+1 runs on the CUDA cores while P V_j runs on the tensor cores
     @_body_macro
-    def overlap_step(jt, s_cur, s_next):
-        # S_jt is in flight (issued by the previous step); tile jt+1 must be in shared memory
-        # to issue S_{jt+1} now.  Ring: tile jt+1 was loaded two steps ago (num_stages >= 3).
-        if jt + 1 < n_blk:
-            wait_group(NS - 3)  # tile jt+1 landed (own copies)
+    def softmax_rows(sb, jt):
+        # masking (key-tail / diagonal tiles only) and online softmax of S_jt: P (fp32) in sb,
+        # m_i and l_i updated, each row's rescale factor of O left in al2
+        n0 = jt * BN
+        if (n0 + BN > Sk) or (causal and n0 + BN - 1 > m0 + wg * 64):
+            for nt, hh, e2 in T.grid(BN // 8, 2, 2):
+                row = m0 + wg * 64 + warp * 16 + g + hh * 8
+                col = n0 + nt * 8 + t4 * 2 + e2
+                if (col >= Sk) or (causal and col > row):
+                    sb[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
+        for hh in T.unroll(2):
+            red[0] = m_i[hh]
+            for nt, e2 in T.grid(BN // 8, 2):
+                red[0] = T.max(red[0], sb[nt * 4 + hh * 2 + e2])
+            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
+            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
+            mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
+            ex2(al2[hh], (m_i[hh] - mu[0]) * sl2)
+            m_i[hh] = red[0]
+            red[0] = mu[0] * sl2
+            for nt, e2 in T.grid(BN // 8, 2):
+                ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
+            l_i[hh] = l_i[hh] * al2[hh]
+            for nt, e2 in T.grid(BN // 8, 2):
+                l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
+
+    @_body_macro
+    def pack_p(sb):
+        for kn in T.unroll(KN):
+            pack2(pf[kn * 4 + 0], sb[(2 * kn) * 4 + 1], sb[(2 * kn) * 4 + 0])
+            pack2(pf[kn * 4 + 1], sb[(2 * kn) * 4 + 3], sb[(2 * kn) * 4 + 2])
+            pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
+            pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
+
+    @_body_macro
+    def rescale_issue_pv(slot):
+        # O *= alpha (rows' max moved), then O += P V of the tile in ring slot `slot`; committed
+        for dt, hh, e2 in T.grid(D // 8, 2, 2):
+            acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * al2[hh]
+        wg_fence()
+        for kn in T.unroll(KN):
+            wg_rs(*[acc[i] for i in range(OACC)],
+                  pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
+                  desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
+                  True, 1, 1, 1)
+        wg_commit()
+
+    @_body_macro
+    def consumer():
+        # accumulators, descriptors, the key loop and the epilogue of one consumer warpgroup
+        for i in T.serial(OACC):
+            acc[i] = T.float32(0)
+        for hh in T.serial(2):
+            m_i[hh] = T.float32(NEG_INF)
+            l_i[hh] = T.float32(0)
+        # base descriptors: Q (this warpgroup's 64 rows), K slot 0, V slot 0
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[wg * 64 * 64]), 1, K_SBO, 3)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[K_OFF]), 1, K_SBO, 3)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[V_OFF]), V_LBO, V_SBO, 3)
+
+        if ws and not overlap:
+            for j in T.serial(n_blk):
+                wait_full(j)
+                issue_s(s, j % NS)
+                wg_wait(0)  # S_j and the previous P V are complete
+                pin_all(s, SACC)
+                pin_all(acc, OACC)
+                if j > 0:
+                    release(j - 1)
+                softmax_pv(s, j, j % NS)
+                if not defer_pv_wait:
+                    wg_wait(0)
+                    pin_all(acc, OACC)
+        elif ws:
+            # FA3 order (see below) with the loader warpgroup's barriers
+            wait_full(0)
+            issue_s(s, 0)
+            wg_wait(0)
+            pin_all(s, SACC)
+            softmax_rows(s, 0)
+            pack_p(s)
+            for j in T.serial(n_blk - 1):
+                wait_full(j + 1)
+                issue_s(s, (j + 1) % NS)
+                rescale_issue_pv(j % NS)
+                wg_wait(1)  # S_{j+1} complete; P V_j in flight
+                pin_all(s, SACC)
+                softmax_rows(s, j + 1)
+                wg_wait(0)
+                pin_all(acc, OACC)
+                release(j)
+                pack_p(s)
+            rescale_issue_pv((n_blk - 1) % NS)
+        elif not overlap:
+            for j in T.serial(n_blk):
+                wait_group(NS - 2)  # tile j (and Q) landed: own copies
+                fence_proxy()  # ... visible to the tensor cores' async proxy
+                if not AB_SYNC:
+                    T.tvm_storage_sync("shared")  # ... and everyone's copies
+                slot = j % NS
+                issue_s(s, slot)
+                wg_wait(0)  # S_j and the previous P V are complete
+                refill_softmax_pv(s, j, slot)
+                if not defer_pv_wait:
+                    wg_wait(0)
+                    pin_all(acc, OACC)
+        else:
+            # FA3 order.  Prologue: S_0 and its softmax.  Step j: refill the slot
+            # tile j-1 left, issue S_{j+1}, O *= alpha_j, issue P V_j; wait for
+            # S_{j+1} and run its softmax while P V_j is on the tensor cores; wait
+            # for P V_j (its P registers are read asynchronously), pack P_{j+1}.
+            # Tile j+1 must have landed at step j: loaded >= 2 steps ahead, so
+            # num_stages >= 3.  The last P V is peeled off the loop.
+            wait_group(NS - 2)
             fence_proxy()
             T.tvm_storage_sync("shared")
-            issue_s(s_next, (jt + 1) % NS)
-            wg_wait(1)  # all but S_{jt+1}: S_jt and P V_{jt-1} are complete
-        else:
+            issue_s(s, 0)
             wg_wait(0)
-        refill_softmax_pv(s_cur, jt, jt % NS)
+            pin_all(s, SACC)
+            softmax_rows(s, 0)
+            pack_p(s)
+            for j in T.serial(n_blk - 1):
+                wait_group(NS - 3)  # tile j+1 landed: own copies
+                fence_proxy()
+                T.tvm_storage_sync("shared")  # everyone's copies; slot of j-1 free
+                if j + NS - 1 < n_blk:
+                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
+                commit()
+                issue_s(s, (j + 1) % NS)
+                rescale_issue_pv(j % NS)
+                wg_wait(1)  # S_{j+1} complete; P V_j in flight
+                pin_all(s, SACC)
+                softmax_rows(s, j + 1)
+                wg_wait(0)
+                pin_all(acc, OACC)
+                pack_p(s)
+            rescale_issue_pv((n_blk - 1) % NS)
+
+        wg_wait(0)
+        for i in T.unroll(OACC):
+            T.cuda.func_call("tvm_flash_pin", acc[i], source_code=_PIN_SRC)
+        # ---- epilogue: O / l and LSE ----
+        for hh in T.unroll(2):
+            red[0] = l_i[hh]
+            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
+            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
+            row = m0 + wg * 64 + warp * 16 + g + hh * 8
+            if row < Sq:
+                alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
+                for dt in T.unroll(D // 8):
+                    pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
+                    o32[(((bz * Hq + hq) * Sq + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
+                if t4 == 0:
+                    lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
 
     # fmt: off
     @T.prim_func
@@ -280,7 +538,6 @@ def forward_wgmma(
                     smem = T.alloc_buffer((SMEM,), dtype, scope="shared.dyn", align=1024)
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         s = T.alloc_buffer((SACC,), "float32", scope="local")
-                        s2 = T.alloc_buffer((SACC if overlap else 1,), "float32", scope="local")
                         acc = T.alloc_buffer((OACC,), "float32", scope="local")
                         pf = T.alloc_buffer((KN * 4,), "uint32", scope="local")
                         desc = T.alloc_buffer((3,), "uint64", scope="local")
@@ -288,6 +545,7 @@ def forward_wgmma(
                         l_i = T.alloc_buffer((2,), "float32", scope="local")
                         red = T.alloc_buffer((1,), "float32", scope="local")
                         alpha = T.alloc_buffer((1,), "float32", scope="local")
+                        al2 = T.alloc_buffer((2,), "float32", scope="local")
                         mu = T.alloc_buffer((1,), "float32", scope="local")
                         pk = T.alloc_buffer((1,), "uint32", scope="local")
                         m_blk = T.if_then_else(causal, (Sq + BM - 1) // BM - 1 - bx, bx)
@@ -302,78 +560,39 @@ def forward_wgmma(
                         kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
                         n_blk = (kv_len + BN - 1) // BN
 
-                        # ---- Q tile -> shared (zero-filled past Sq), first NS-1 K/V tiles ----
-                        for it in T.unroll(Q_IT):
-                            e = it * NT + tx
-                            c8 = (e // (8 * BM)) * 8 + e % 8
-                            r = (e // 8) % BM
-                            cp_async(T.address_of(smem[(c8 // 8) * Q_PANEL + r * 64 + ((c8 % 8) ^ (r % 8)) * 8]),
-                                     T.address_of(q[bz, hq, T.min(m0 + r, Sq - 1), c8 * 8]), 16,
-                                     T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
-                        for st in T.unroll(NS - 1):
-                            if st < n_blk:
-                                load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
-                            commit()
-
-                        for i in T.serial(OACC):
-                            acc[i] = T.float32(0)
-                        for hh in T.serial(2):
-                            m_i[hh] = T.float32(NEG_INF)
-                            l_i[hh] = T.float32(0)
-                        # base descriptors: Q (this warpgroup's 64 rows), K slot 0, V slot 0
-                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[wg * 64 * 64]), 1, K_SBO, 3)
-                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[K_OFF]), 1, K_SBO, 3)
-                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[V_OFF]), V_LBO, V_SBO, 3)
-
-                        if not overlap:
-                            for j in T.serial(n_blk):
-                                wait_group(NS - 2)  # tile j (and Q) landed: own copies
-                                fence_proxy()  # ... visible to the tensor cores' async proxy
-                                T.tvm_storage_sync("shared")  # ... and everyone's copies
-                                slot = j % NS
-                                issue_s(s, slot)
-                                wg_wait(0)  # S_j and the previous P V are complete
-                                refill_softmax_pv(s, j, slot)
-                                if not defer_pv_wait:
-                                    wg_wait(0)
-                                    pin_all(acc, OACC)
-                        else:
-                            # S_{j+1} runs on the tensor cores while the softmax of tile j runs on
-                            # the CUDA cores (two S register sets, loop unrolled by two)
-                            wait_group(NS - 2)
-                            fence_proxy()
+                        if ws:
+                            # warp specialized: the last warpgroup loads (cp.async, mbarriers full/
+                            # empty per ring slot), the others compute
+                            if tx == 0:
+                                for i in T.unroll(2 * NS):
+                                    _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), 128 if i < NS else NWG * 4)
                             T.tvm_storage_sync("shared")
-                            issue_s(s, 0)
-                            for jj in T.serial((n_blk + 1) // 2):
-                                overlap_step(2 * jj, s, s2)
-                                if 2 * jj + 1 < n_blk:
-                                    overlap_step(2 * jj + 1, s2, s)
+                            if wg == NWG:
+                                producer()
+                            else:
+                                if REG_SPLIT:
+                                    _setmaxnreg("inc", R_CONSUMER)
+                                consumer()
+                        else:
+                            # ---- Q tile -> shared (zero-filled past Sq), first NS-1 K/V tiles ----
+                            load_q(tx)
+                            for st in T.unroll(NS - 1):
+                                if st < n_blk:
+                                    load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
+                                commit()
 
-                        wg_wait(0)
-                        for i in T.unroll(OACC):
-                            T.cuda.func_call("tvm_flash_pin", acc[i], source_code=_PIN_SRC)
-                        # ---- epilogue: O / l and LSE ----
-                        for hh in T.unroll(2):
-                            red[0] = l_i[hh]
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
-                            row = m0 + wg * 64 + warp * 16 + g + hh * 8
-                            if row < Sq:
-                                alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
-                                for dt in T.unroll(D // 8):
-                                    pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
-                                    o32[(((bz * Hq + hq) * Sq + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
-                                if t4 == 0:
-                                    lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
+                            consumer()
     # fmt: on
     return flash_fwd
 
 
 KNOB_SPACE = {
     "num_wg": [1, 2, 3],
-    "block_n": [32, 64, 96, 128, 176],
-    "num_stages": [2, 3],
+    "block_n": [32, 48, 64, 80, 96, 112, 128, 176],
+    "num_stages": [2, 3, 4],
     "defer_pv_wait": [0, 1],
+    "ws": [0, 1],
+    "overlap": [0, 1],
 }
 
 
@@ -383,26 +602,31 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
-    """The best of a knob sweep on the H200 (bf16, B4 H16 S4096; docs/perf-notes.md, v3):
-    hd64 416 / 386 TFLOP/s (non-causal / causal), hd128 460 / 376."""
-    base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal)}
+    """The best of knob sweeps on the H200 (bf16, 16k tokens at seq 4096; docs/perf-notes.md v3, v4):
+    hd64 416 / 385 TFLOP/s (non-causal / causal, all-threads loading); hd128 542 / 488, hd192
+    570 / 479, hd256 518 / 460 (warp specialized, FA3 order)."""
     if head_dim <= 64:
+        base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0}
         return {**base, "block_n": 96, "num_stages": 3} if causal else base
+    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1}
     if head_dim <= 128:
-        return {**base, "num_wg": 3, "block_n": 96}
-    return base  # hd192/256: 2 x 64 rows, 64-key tiles (no register spill)
+        return {**ws, "block_n": 96, "num_stages": 4}
+    if head_dim <= 192:
+        return {**ws, "block_n": 64, "num_stages": 3}
+    return {**ws, "block_n": 48, "num_stages": 3}
 
 
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
-    _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)))
-    if k.get("overlap") and k["num_stages"] < 3:
-        raise ValueError("overlap needs num_stages >= 3")
+    _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
+           bool(k.get("ws", False)))
+    if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
+        raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = {**default_knobs(head_dim, dtype, causal), **knobs}
-    for name in ("defer_pv_wait", "overlap"):
+    for name in ("defer_pv_wait", "overlap", "ws"):
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

@@ -65,7 +65,7 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     (ptxas warnings C751x)."""
     import tvm
 
-    from tvm_flash.build import Workload, make_target, schedule_module, scheduled_func
+    from tvm_flash.build import Workload, effective_knobs, make_target, schedule_module, scheduled_func
 
     target = make_target("cuda", "sm_90a")
     wl = Workload(d, dtype, causal)
@@ -81,6 +81,8 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]  # C7510-C7519: "wgmma ... serialized"
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
+    knobs = effective_knobs(wl, target, None)
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None)
 
 
 def test_wgmma_knobs_that_would_spill_are_rejected():
@@ -99,23 +101,57 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
         cuda_wgmma.check_knobs(d, "float16", False, {})
 
 
-def test_wgmma_overlap_variant_assembles(tmp_path):
-    """The opt-in intra-warpgroup overlap (not yet run on a GPU) keeps assembling for sm_90a
-    without register spills, so the next GPU session can measure it."""
+@pytest.mark.parametrize("d,causal,knobs", [
+    (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # all threads load
+    (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2}),  # registers moved
+    (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups
+])
+def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
+    """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
+    warpgroup without FA3 order) assemble with no spill and no wgmma serialization; where
+    setmaxnreg moves registers to the consumers, ptxas gives the kernel exactly the launch
+    maximum (the pool arithmetic of setmaxnreg.inc assumes it: fewer would hang the kernel)."""
     import tvm
 
     from tvm_flash.build import Workload, make_target, schedule_module
 
     target = make_target("cuda", "sm_90a")
-    sched = schedule_module(target, Workload(128, "bfloat16", True))
-    func = sched.schedule(128, "bfloat16", True, num_wg=2, block_n=64, num_stages=3, overlap=1)
+    sched = schedule_module(target, Workload(d, "bfloat16", causal))
+    func = sched.schedule(d, "bfloat16", causal, **knobs)
     src = tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target).mod.imports[0].inspect_source()
     cu = tmp_path / "k.cu"
     cu.write_text(src)
     res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
                           "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None)
+
+
+def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg):
+    """setmaxnreg appears only in warp-specialized kernels; where it does, ptxas' register count
+    is the launch maximum the loader/consumer split was computed from."""
+    from schedules.cuda_wgmma import ws_registers
+
+    if ws_num_wg is None or "setmaxnreg.inc" not in src:
+        assert ws_num_wg is not None or "setmaxnreg" not in src
+        return
+    launch, loader, consumer = ws_registers(ws_num_wg)
+    assert f"setmaxnreg.inc.sync.aligned.u32 {consumer};" in src and f"setmaxnreg.dec.sync.aligned.u32 {loader};" in src
+    used = re.search(r"Used (\d+) registers", ptxas_log)
+    assert used and int(used.group(1)) == launch, ptxas_log[-1000:]
+    assert consumer * 128 * ws_num_wg + loader * 128 <= launch * 128 * (ws_num_wg + 1)
+
+
+def test_wgmma_knob_rules():
+    """FA3 order without the loader warpgroup needs a 3-slot ring; with it, 2 slots do."""
+    from tvm_flash.build import Workload, make_target, schedule_module
+
+    sched = schedule_module(make_target("cuda", "sm_90a"), Workload(128, "bfloat16", True))
     with pytest.raises(ValueError, match="num_stages >= 3"):
-        sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "num_stages": 2, "num_wg": 2, "block_n": 64})
+        sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "ws": 0, "num_stages": 2, "num_wg": 2, "block_n": 64})
+    sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "ws": 1, "num_stages": 2, "num_wg": 2, "block_n": 64})
+    with pytest.raises(ValueError, match="register budget"):  # 2 consumers get 216 registers, not 255
+        sched.check_knobs(128, "bfloat16", False, {"ws": 1, "num_wg": 2, "block_n": 176, "num_stages": 2})
