@@ -39,6 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1,12,512,64")
     ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="also cProfile 2000 tvm_flash.attention calls")
     a = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
@@ -58,6 +59,14 @@ def main():
     print(torch.cuda.get_device_name(), f"B{b} H{h} S{s} D{d} causal={a.causal}")
     for name, fn in fns.items():
         print(f"  {name:22s} host {host_us(fn):7.1f} us/call   do_bench {do_bench(fn, warmup=25, rep=100) * 1e3:7.1f} us")
+    if a.profile:
+        import cProfile
+        import pstats
+        fn = fns["tvm_flash.attention"]
+        with cProfile.Profile() as prof:
+            for _ in range(2000):
+                fn()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

@@ -175,8 +175,8 @@ def forward_wgmma(
     all-thread loads and ``__syncthreads``.
 
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
-    a stage of the plain all-threads loop out: e (exp2), s (__syncthreads), l (refill loads),
-    p (P V wgmma), q (Q K^T wgmma).
+    a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
+    without ``overlap`` also s (its __syncthreads) and l (its refill loads).
     """
     if defer_pv_wait is None:
         defer_pv_wait = not causal
@@ -301,9 +301,8 @@ def forward_wgmma(
         wg_commit()
 
     @_body_macro
-    def softmax_pv(sb, jt, slot):
-        # masking (key-tail / diagonal tiles only), online softmax, O *= alpha, then
-        # O += P V with P from registers and V (MN-major) from shared memory; committed, not waited
+    def mask_tile(sb, jt):
+        # -inf past Sk and (causal) above the diagonal: key-tail / diagonal tiles only
         n0 = jt * BN
         if (n0 + BN > Sk) or (causal and n0 + BN - 1 > m0 + wg * 64):
             for nt, hh, e2 in T.grid(BN // 8, 2, 2):
@@ -311,31 +310,41 @@ def forward_wgmma(
                 col = n0 + nt * 8 + t4 * 2 + e2
                 if (col >= Sk) or (causal and col > row):
                     sb[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
-        for hh in T.unroll(2):
-            red[0] = m_i[hh]
-            for nt, e2 in T.grid(BN // 8, 2):
-                red[0] = T.max(red[0], sb[nt * 4 + hh * 2 + e2])
-            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
-            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
-            mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
-            ex2(alpha[0], (m_i[hh] - mu[0]) * sl2)
-            m_i[hh] = red[0]
-            red[0] = mu[0] * sl2
-            for nt, e2 in T.grid(BN // 8, 2):
-                if AB_EXP:
-                    sb[nt * 4 + hh * 2 + e2] = sb[nt * 4 + hh * 2 + e2] * sl2 - red[0]
-                else:
-                    ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
-            l_i[hh] = l_i[hh] * alpha[0]
-            for nt, e2 in T.grid(BN // 8, 2):
-                l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
-            for dt, e2 in T.grid(D // 8, 2):
-                acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * alpha[0]
+
+    @_body_macro
+    def row_softmax(sb, hh, ab, ai):
+        # online softmax of row half hh (8 rows apart per quad): new max (quad shuffles), O's
+        # rescale factor into ab[ai], P = exp2(S * scale*log2e - max) in place, l updated
+        red[0] = m_i[hh]
+        for nt, e2 in T.grid(BN // 8, 2):
+            red[0] = T.max(red[0], sb[nt * 4 + hh * 2 + e2])
+        red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
+        red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
+        mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
+        ex2(ab[ai], (m_i[hh] - mu[0]) * sl2)
+        m_i[hh] = red[0]
+        red[0] = mu[0] * sl2
+        for nt, e2 in T.grid(BN // 8, 2):
+            if AB_EXP:
+                sb[nt * 4 + hh * 2 + e2] = sb[nt * 4 + hh * 2 + e2] * sl2 - red[0]
+            else:
+                ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
+        l_i[hh] = l_i[hh] * ab[ai]
+        for nt, e2 in T.grid(BN // 8, 2):
+            l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
+
+    @_body_macro
+    def pack_p(sb):
+        # P to fp16/bf16 pairs: the register-A fragment of wgmma, k16 step kn in pf[4kn:4kn+4]
         for kn in T.unroll(KN):
             pack2(pf[kn * 4 + 0], sb[(2 * kn) * 4 + 1], sb[(2 * kn) * 4 + 0])
             pack2(pf[kn * 4 + 1], sb[(2 * kn) * 4 + 3], sb[(2 * kn) * 4 + 2])
             pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
             pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
+
+    @_body_macro
+    def issue_pv(slot):
+        # O += P V with P from registers and V (MN-major) from ring slot `slot`; committed, not waited
         wg_fence()
         if not AB_PV:
             for kn in T.unroll(KN):
@@ -344,6 +353,17 @@ def forward_wgmma(
                       desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
                       True, 1, 1, 1)
         wg_commit()
+
+    @_body_macro
+    def softmax_pv(sb, jt, slot):
+        # plain order: masking, online softmax with O *= alpha row by row, then P V issued
+        mask_tile(sb, jt)
+        for hh in T.unroll(2):
+            row_softmax(sb, hh, alpha, 0)
+            for dt, e2 in T.grid(D // 8, 2):
+                acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * alpha[0]
+        pack_p(sb)
+        issue_pv(slot)
 
     @_body_macro
     def refill_softmax_pv(sb, jt, slot):
@@ -358,55 +378,21 @@ def forward_wgmma(
         commit()
         softmax_pv(sb, jt, slot)
 
-    # FA3's intra-warpgroup order (overlap=1): the pieces of softmax_pv apart, so that the
-    # softmax of tile j+1 runs on the CUDA cores while P V_j runs on the tensor cores
+    # FA3's intra-warpgroup order (overlap=1): the softmax of tile j+1 (softmax_rows) runs on the
+    # CUDA cores while P V_j (rescale_issue_pv, issued just before) runs on the tensor cores
     @_body_macro
     def softmax_rows(sb, jt):
-        # masking (key-tail / diagonal tiles only) and online softmax of S_jt: P (fp32) in sb,
-        # m_i and l_i updated, each row's rescale factor of O left in al2
-        n0 = jt * BN
-        if (n0 + BN > Sk) or (causal and n0 + BN - 1 > m0 + wg * 64):
-            for nt, hh, e2 in T.grid(BN // 8, 2, 2):
-                row = m0 + wg * 64 + warp * 16 + g + hh * 8
-                col = n0 + nt * 8 + t4 * 2 + e2
-                if (col >= Sk) or (causal and col > row):
-                    sb[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
+        # masking and online softmax of S_jt; each row half's rescale factor of O left in al2
+        mask_tile(sb, jt)
         for hh in T.unroll(2):
-            red[0] = m_i[hh]
-            for nt, e2 in T.grid(BN // 8, 2):
-                red[0] = T.max(red[0], sb[nt * 4 + hh * 2 + e2])
-            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32))
-            red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32))
-            mu[0] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
-            ex2(al2[hh], (m_i[hh] - mu[0]) * sl2)
-            m_i[hh] = red[0]
-            red[0] = mu[0] * sl2
-            for nt, e2 in T.grid(BN // 8, 2):
-                ex2(sb[nt * 4 + hh * 2 + e2], sb[nt * 4 + hh * 2 + e2] * sl2 - red[0])
-            l_i[hh] = l_i[hh] * al2[hh]
-            for nt, e2 in T.grid(BN // 8, 2):
-                l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
-
-    @_body_macro
-    def pack_p(sb):
-        for kn in T.unroll(KN):
-            pack2(pf[kn * 4 + 0], sb[(2 * kn) * 4 + 1], sb[(2 * kn) * 4 + 0])
-            pack2(pf[kn * 4 + 1], sb[(2 * kn) * 4 + 3], sb[(2 * kn) * 4 + 2])
-            pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
-            pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
+            row_softmax(sb, hh, al2, hh)
 
     @_body_macro
     def rescale_issue_pv(slot):
         # O *= alpha (rows' max moved), then O += P V of the tile in ring slot `slot`; committed
         for dt, hh, e2 in T.grid(D // 8, 2, 2):
             acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * al2[hh]
-        wg_fence()
-        for kn in T.unroll(KN):
-            wg_rs(*[acc[i] for i in range(OACC)],
-                  pf[kn * 4 + 0], pf[kn * 4 + 1], pf[kn * 4 + 2], pf[kn * 4 + 3],
-                  desc[2] + T.uint64((slot * NP * KV_PANEL * 2 + kn * 16 * 128) >> 4),
-                  True, 1, 1, 1)
-        wg_commit()
+        issue_pv(slot)
 
     @_body_macro
     def consumer():

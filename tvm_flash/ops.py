@@ -77,8 +77,11 @@ def _cuda_arch(device_index) -> str:
 
 
 def _on_device(device: torch.device):
-    """The CUDA device current for a launch (kernels run on its current stream); no-op on the CPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """The CUDA device current for a launch (kernels run on its current stream); no-op on the CPU
+    and when the device is already current (the context manager costs host time on every call)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @functools.lru_cache(maxsize=None)
