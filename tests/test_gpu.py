@@ -36,10 +36,48 @@ def test_sq_ne_sk_causal(dtype, sq, sk):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("d", [32, 80, 96, 256])
+@pytest.mark.parametrize("d", [32, 80, 96, 192, 256])
 def test_other_head_dims(d, dtype):
     q, k, v = rand_qkv(1, 2, 1, 200, 150, d, dtype, "cuda", seed=d)
     assert_accurate(q, k, v, causal=True)
+
+
+WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, beside the defaults
+    (128, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2}),  # setmaxnreg, plain order
+    (128, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # FA3 order, 2 slots
+    (128, {"ws": 1, "overlap": 1, "num_wg": 1, "block_n": 128, "num_stages": 3}),  # one consumer warpgroup
+    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # FA3 order, all threads load
+    (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups, no setmaxnreg
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel needs a Hopper GPU (sm_90a)")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,knobs", WGMMA_VARIANTS)
+def test_wgmma_variants(d, knobs, causal):
+    """Every loop variant of the wgmma kernel is exact on awkward shapes: a single key, fewer
+    key tiles than ring slots, tails, Sq != Sk, GQA (poisoned outputs, float64 reference)."""
+    import math
+
+    from conftest import torch_attention
+
+    from tvm_flash.build import Workload, get_kernel, make_target
+    from tvm_flash.reference import attention_ref
+
+    kernel = get_kernel(Workload(d, "bfloat16", causal), make_target("cuda", "sm_90a"), knobs)
+    for i, (b, hq, hkv, sq, sk) in enumerate([(1, 4, 2, 1, 1), (1, 2, 2, 300, 5), (1, 4, 2, 77, 1029),
+                                              (1, 2, 2, 1029, 77), (2, 6, 2, 1000, 1000)]):
+        q, k, v = rand_qkv(b, hq, hkv, sq, sk, d, torch.bfloat16, "cuda", seed=100 + i)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device="cuda")
+        kernel(q, k, v, out, lse, 1 / math.sqrt(d))
+        torch.cuda.synchronize()
+        ref, ref_lse = attention_ref(q, k, v, causal=causal)
+        err = (out.double().cpu() - ref).abs().max().item()  # NaN (an unwritten element) fails too
+        bound = 2 * (torch_attention(q, k, v, causal).double().cpu() - ref).abs().max().item() + 1e-6
+        assert err <= bound, f"{(b, hq, hkv, sq, sk)}: max abs error {err:.3e} > {bound:.3e}"
+        assert (lse.double().cpu() - ref_lse).abs().max().item() <= 1e-4
 
 
 def test_runs_on_current_stream():
