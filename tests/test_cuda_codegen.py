@@ -82,7 +82,7 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
     knobs = effective_knobs(wl, target, None)
-    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None)
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin")
 
 
 def test_wgmma_knobs_that_would_spill_are_rejected():
@@ -105,6 +105,7 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # all threads load
     (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2}),  # registers moved
     (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups
+    (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # no setmaxnreg
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -127,10 +128,10 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
-    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None)
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin")
 
 
-def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg):
+def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None):
     """setmaxnreg appears only in warp-specialized kernels; where it does, ptxas' register count
     is the launch maximum the loader/consumer split was computed from."""
     from schedules.cuda_wgmma import ws_registers
@@ -143,6 +144,10 @@ def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg):
     used = re.search(r"Used (\d+) registers", ptxas_log)
     assert used and int(used.group(1)) == launch, ptxas_log[-1000:]
     assert consumer * 128 * ws_num_wg + loader * 128 <= launch * 128 * (ws_num_wg + 1)
+    assert consumer > launch  # setmaxnreg.inc to fewer registers than the thread holds is undefined
+    if cubin is not None and shutil.which("cuobjdump"):  # ptxas may drop setmaxnreg it deems needless
+        sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, timeout=300).stdout
+        assert "USETMAXREG" in sass
 
 
 def test_wgmma_knob_rules():

@@ -40,6 +40,18 @@ def test_bad_scale(scale):
         tvm_flash.attention(*qkv(), scale=scale)
 
 
+def test_cuda_grid_limit_named():
+    """Batch or query heads past CUDA's gridDim.y/z limit (65535) get a clear error, not a launch
+    failure (checked on shapes: building such tensors needs no GPU here)."""
+    from tvm_flash.ops import _check_cuda_grid
+
+    _check_cuda_grid(65535, 65535)
+    with pytest.raises(ValueError, match="batch = 70000 exceeds the CUDA grid limit"):
+        _check_cuda_grid(70000, 1)
+    with pytest.raises(ValueError, match="query heads = 65536 exceeds"):
+        _check_cuda_grid(1, 65536)
+
+
 def test_meta_device_rejected():
     q, k, v = (t.to("meta") for t in qkv())
     with pytest.raises(ValueError, match="device"):

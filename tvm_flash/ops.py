@@ -26,6 +26,7 @@ from .workload import Workload
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 _INT32_MAX = 2**31 - 1
+_GRID_YZ_MAX = 65535
 
 
 def _check_inputs(q, k, v, scale):
@@ -54,6 +55,8 @@ def _check_inputs(q, k, v, scale):
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"head_dim differs: q has {q.shape[3]}, k/v have {k.shape[3]}")
     hq, hkv = q.shape[1], k.shape[1]
+    if q.device.type == "cuda":
+        _check_cuda_grid(q.shape[0], hq)
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     d = q.shape[3]
@@ -61,6 +64,14 @@ def _check_inputs(q, k, v, scale):
         raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
     if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _check_cuda_grid(batch: int, heads: int) -> None:
+    """CUDA kernels put query heads on gridDim.y and the batch on gridDim.z (at most 65535 each)."""
+    for name, n in (("batch", batch), ("query heads", heads)):
+        if n > _GRID_YZ_MAX:
+            raise ValueError(f"{name} = {n} exceeds the CUDA grid limit of {_GRID_YZ_MAX} for tvm_flash's kernels; "
+                             f"split the call along that dimension")
 
 
 def _aligned(t):
