@@ -62,28 +62,31 @@ __forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"
 """
 
 # mbarriers (warp-specialized variant): init, wait for a phase parity, arrive, arrive once this
-# thread's cp.async copies have landed; setmaxnreg moves registers from the loader warpgroup
-_MBAR_ASM = {  # one helper per name: TVM emits a func_call's source once per function name
-    "mbar_init": ("int count", 'mbarrier.init.shared::cta.b64 [%0], %1;", "r"(a), "r"(count)'),
-    "mbar_wait": ("int parity", '{\\n .reg .pred p;\\n TVM_FLASH_WAIT:\\n mbarrier.try_wait.parity.shared::cta.b64 p, '
-                  '[%0], %1;\\n @!p bra TVM_FLASH_WAIT;\\n}", "r"(a), "r"(parity)'),
-    "mbar_arrive": ("", 'mbarrier.arrive.shared::cta.b64 _, [%0];", "r"(a)'),
-    "cp_async_arrive": ("", 'cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];", "r"(a)'),
+# thread's cp.async copies have landed.  name -> (extra C parameter, PTX, asm operands); the
+# barrier's shared-memory address is operand %0 ("a").  One helper per name: TVM emits a
+# func_call's source once per function name.
+_MBAR_ASM = {
+    "mbar_init": ("int count", "mbarrier.init.shared::cta.b64 [%0], %1;", '"r"(a), "r"(count)'),
+    "mbar_wait": ("int parity", "{\\n .reg .pred p;\\n TVM_FLASH_WAIT:\\n mbarrier.try_wait.parity.shared::cta.b64 p, "
+                  "[%0], %1;\\n @!p bra TVM_FLASH_WAIT;\\n}", '"r"(a), "r"(parity)'),
+    "mbar_arrive": ("", "mbarrier.arrive.shared::cta.b64 _, [%0];", '"r"(a)'),
+    "cp_async_arrive": ("", "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];", '"r"(a)'),
 }
 
 
 def _setmaxnreg(op, n):
+    """setmaxnreg.{inc,dec} to n registers per thread (warpgroup-wide)."""
     name = f"tvm_flash_setmaxnreg_{op}_{n}"
     src = f'__forceinline__ __device__ void {name}() {{ asm volatile("setmaxnreg.{op}.sync.aligned.u32 {n};"); }}\n'
     return T.cuda.func_call(name, source_code=src)
 
 
 def _mbar(op, addr, *args):
-    params, asm = _MBAR_ASM[op]
-    ins = asm.split('", ', 1)[1]
-    src = (f"__forceinline__ __device__ void tvm_flash_{op}(void* bar{', ' + params if params else ''}) {{\n"
+    """Call the mbarrier helper ``op`` of ``_MBAR_ASM`` on the barrier at ``addr`` (shared memory)."""
+    param, asm, operands = _MBAR_ASM[op]
+    src = (f"__forceinline__ __device__ void tvm_flash_{op}(void* bar{', ' + param if param else ''}) {{\n"
            f"  unsigned a = (unsigned)__cvta_generic_to_shared(bar);\n"
-           f'  asm volatile("{asm.split(chr(34) + ", ", 1)[0]}" :: {ins} : "memory");\n}}\n')
+           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
     return T.cuda.func_call(f"tvm_flash_{op}", addr, *args, source_code=src)
 
 
@@ -134,8 +137,9 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
     if num_stages < 2:
         raise ValueError("num_stages must be >= 2")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
-    # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3), else ptxas spills and
-    # serializes the wgmmas (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
+    # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
+    # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
+    # (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
     acc = _acc_regs(head_dim, block_n)
     budget = ws_registers(num_wg)[2] if ws else min(255, 65536 // (128 * num_wg))
     if acc > 190 or acc + 30 > budget:
