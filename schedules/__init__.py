@@ -3,7 +3,9 @@
 Installed as the package ``tvm_flash.schedules`` (see pyproject.toml).  Each
 module turns the unscheduled PrimFunc into one ready for ``tvm.compile``:
 
-- ``cpu``        LLVM: query tiles in parallel, inner loops unrolled/vectorized.
+- ``cpu``        LLVM: a vectorized kernel of its own (K tile transposed, vector FMAs
+                 over keys and over D, polynomial exp2; built for the host CPU), or
+                 the generic compute's phases (query tiles in parallel).
 - ``cuda_wgmma`` Hopper (target arch ``sm_90a``) tensor cores through warpgroup
                  ``wgmma`` (fp16/bf16, head dims 64/128/192/256): Q/K/V tiles in
                  128-byte-swizzled shared memory read by matrix descriptors, P kept

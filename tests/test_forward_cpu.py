@@ -46,3 +46,29 @@ def test_half_within_2x_torch_error(dtype, hkv, group, sq, sk, d, causal, seed):
 def test_other_head_dims(d, dtype):
     q, k, v = rand_qkv(1, 2, 1, 70, 45, d, dtype, seed=d)
     assert_accurate(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("vectorized", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_cpu_kernels(vectorized, dtype):
+    """The vectorized CPU kernel (default) and the generic schedule (a tuning log may pick
+    either) on tails, GQA, Sq != Sk and causal, with NaN-poisoned outputs."""
+    import math
+
+    from conftest import torch_attention
+
+    from tvm_flash.build import Workload, get_kernel, make_target
+    from tvm_flash.reference import attention_ref
+
+    for i, (hq, hkv, sq, sk, d, causal) in enumerate([(4, 2, 77, 130, 40, True), (2, 1, 129, 65, 64, False),
+                                                      (3, 3, 1, 1, 128, True), (2, 2, 200, 33, 256, True)]):
+        name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        kernel = get_kernel(Workload(d, name, causal), make_target("llvm", "host"), {"vectorized": vectorized})
+        q, k, v = rand_qkv(2, hq, hkv, sq, sk, d, dtype, seed=50 + i)
+        out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:3], float("nan"))
+        kernel(q, k, v, out, lse, 1 / math.sqrt(d))
+        ref, ref_lse = attention_ref(q, k, v, causal=causal)
+        err = (out.double() - ref).abs().max().item()
+        bound = 1e-5 if dtype == torch.float32 else 2 * (torch_attention(q, k, v, causal).double() - ref).abs().max().item()
+        assert err <= bound, f"{(hq, hkv, sq, sk, d, causal)}: {err:.3e} > {bound:.3e}"
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-4

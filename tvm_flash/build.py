@@ -47,9 +47,12 @@ _mount_source_schedules()
 
 
 def make_target(kind: str, arch: str | None = None) -> tvm.target.Target:
-    """The TVM target for "llvm" or "cuda" (``arch`` like "sm_90")."""
+    """The TVM target for "llvm" or "cuda" (``arch``: a CUDA arch like "sm_90", or for "llvm" a
+    CPU like "znver4" or "host" for this machine's; none: generic x86-64, portable)."""
     if kind == "llvm":
-        return tvm.target.Target({"kind": "llvm"})
+        if arch == "host":
+            arch = tvm.target.codegen.llvm_get_system_cpu()
+        return tvm.target.Target({"kind": "llvm", **({"mcpu": arch} if arch else {})})
     if kind == "cuda":
         return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_90", "max_shared_memory_per_block": 232448})
     raise ValueError(f"unsupported target kind {kind!r}")

@@ -110,7 +110,8 @@ def _kernel(device_type: str, device_index, workload: Workload):
             f"tvm_flash: no exported kernel loaded for {workload.name} on {device_type} {arch}, and building one "
             f"needs the TVM compiler, which failed to import ({err})"
         ) from err
-    target = make_target("llvm") if device_type == "cpu" else make_target("cuda", arch)
+    # built here for this machine: the host CPU's vector instructions (AVX-512 ...) on the CPU
+    target = make_target("llvm", "host") if device_type == "cpu" else make_target("cuda", arch)
     return get_kernel(workload, target)
 
 
@@ -150,7 +151,7 @@ def _backward_kernels(device_type: str, device_index, workload: Workload):
             f"which failed to import ({err}); exported kernels serve the forward only"
         ) from err
     if device_type == "cpu":
-        return get_backward_kernels(workload, make_target("llvm"))
+        return get_backward_kernels(workload, make_target("llvm", "host"))
     return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
 
 

@@ -328,7 +328,8 @@ def tune_target(kind: str, arch: str | None = None) -> tvm.target.Target:
     if kind == "llvm":
         import psutil
 
-        return tvm.target.Target({"kind": "llvm", "num-cores": psutil.cpu_count(logical=False) or 1})
+        return tvm.target.Target({"kind": "llvm", "num-cores": psutil.cpu_count(logical=False) or 1,
+                                  "mcpu": tvm.target.codegen.llvm_get_system_cpu()})  # as built at first use
     return make_target(kind, arch)
 
 
