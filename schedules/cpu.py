@@ -30,7 +30,8 @@ KNOB_SPACE = {"block_m": [16, 32, 64], "block_n": [16, 32, 64], "num_threads": [
 
 def default_knobs(head_dim: int, dtype: str) -> dict:
     # vectorized kernel: 64 query rows x 64 keys, the best of block_m, block_n in {16, 32, 64} on
-    # the 2-core CI machine (fp32 seq 1024: 61 / 62 GFLOP/s at hd64 / hd128; 32 x 64: 54 / 54)
+    # the 2-core CI machine (fp32 seq 1024, before the lane-wise row reductions: 61 / 62 GFLOP/s at
+    # hd64 / hd128; 32 x 64: 54 / 54; now 72 / 78 at 64 x 64)
     return {"block_m": 64, "block_n": 64, "num_threads": 64, "vectorized": 1}
 
 
@@ -42,6 +43,8 @@ def check_vectorized(head_dim: int, dtype: str, block_m: int, block_n: int) -> N
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     if block_m % _RB:
         raise ValueError(f"block_m={block_m} must be a multiple of {_RB} (rows per register block)")
+    if block_n % 16:
+        raise ValueError(f"block_n={block_n} must be a multiple of 16 (vector lanes of the row reductions)")
 
 
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
@@ -89,6 +92,8 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
     fp32 inside (fp16/bf16 converted on load and store)."""
     check_vectorized(head_dim, dtype, block_m, block_n)
     rb = _RB
+    # rows per register block of O += P V: about 16 vector registers of accumulators (D / 16 each)
+    RBO = 4 if head_dim <= 64 else 2 if head_dim <= 128 else 1  # divides block_m (a multiple of 4)
     D, BM, BN, RB = head_dim, block_m, block_n, rb
     NEG_INF = -math.inf
 
@@ -114,6 +119,7 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
             m_i = T.alloc_buffer((BM,), "float32")
             l_i = T.alloc_buffer((BM,), "float32")
             red = T.alloc_buffer((2,), "float32")
+            part = T.alloc_buffer((16,), "float32")
             nmt = (Sq + BM - 1) // BM
             mt = task % nmt
             hq = task // nmt % Hq
@@ -146,25 +152,37 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
                 for i in T.serial(BM):
                     for j in T.vectorized(BN):
                         s[i, j] = T.if_then_else((n0 + j >= Sk) or (causal and n0 + j > m0 + i), T.float32(NEG_INF), s[i, j])
+                    # row max and (below) row sum over 16 vector lanes, then across the lanes:
+                    # a scalar chain over the whole tile would cost as much as the GEMMs
+                    for w in T.vectorized(16):
+                        part[w] = s[i, w]
+                    for c in T.serial(1, BN // 16):
+                        for w in T.vectorized(16):
+                            part[w] = T.max(part[w], s[i, c * 16 + w])
                     red[0] = m_i[i]
-                    for j in T.serial(BN):
-                        red[0] = T.max(red[0], s[i, j])
+                    for w in T.serial(16):
+                        red[0] = T.max(red[0], part[w])
                     red[1] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
                     for j in T.vectorized(BN):
                         s[i, j] = _exp2_vec(s[i, j] - red[1])
                     alpha = T.exp2(m_i[i] - red[1])
                     m_i[i] = red[0]
+                    for w in T.vectorized(16):
+                        part[w] = s[i, w]
+                    for c in T.serial(1, BN // 16):
+                        for w in T.vectorized(16):
+                            part[w] = part[w] + s[i, c * 16 + w]
                     red[0] = T.float32(0)
-                    for j in T.serial(BN):
-                        red[0] = red[0] + s[i, j]
+                    for w in T.serial(16):
+                        red[0] = red[0] + part[w]
                     l_i[i] = l_i[i] * alpha + red[0]
                     for d in T.vectorized(D):
                         acc[i, d] = acc[i, d] * alpha
-                for io in T.serial(BM // RB):
+                for io in T.serial(BM // RBO):
                     for j in T.serial(BN):
-                        for ii in T.unroll(RB):
+                        for ii in T.unroll(RBO):
                             for d in T.vectorized(D):
-                                acc[io * RB + ii, d] = acc[io * RB + ii, d] + s[io * RB + ii, j] * vs[j, d]
+                                acc[io * RBO + ii, d] = acc[io * RBO + ii, d] + s[io * RBO + ii, j] * vs[j, d]
             for i in T.serial(BM):
                 if m0 + i < Sq:
                     for d in T.vectorized(D):

@@ -61,7 +61,8 @@ def test_both_cpu_kernels(vectorized, dtype):
     from tvm_flash.reference import attention_ref
 
     for i, (hq, hkv, sq, sk, d, causal) in enumerate([(4, 2, 77, 130, 40, True), (2, 1, 129, 65, 64, False),
-                                                      (3, 3, 1, 1, 128, True), (2, 2, 200, 33, 256, True)]):
+                                                      (3, 3, 1, 1, 128, True), (2, 2, 200, 33, 256, True),
+                                                      (2, 1, 70, 90, 80, False)]):
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         kernel = get_kernel(Workload(d, name, causal), make_target("llvm", "host"), {"vectorized": vectorized})
         q, k, v = rand_qkv(2, hq, hkv, sq, sk, d, dtype, seed=50 + i)
