@@ -6,7 +6,8 @@ Forward, two kernels (knob ``vectorized``):
 - ``vectorized=0``: the generic compute (``tvm_flash.compute``) with query tiles run in parallel
   and each tile's phases serially (the workers ``tx`` become a serial loop; short per-worker
   element loops are unrolled).  Scalar code, kept as the tunable reference schedule.
-Backward: the generic compute's phases, tiles in parallel.
+Backward: ``backward_vectorized``, vector code of the same kind (the generic backward phases
+of ``tvm_flash.compute_backward`` still serve the CUDA FFMA schedule).
 """
 
 import math
@@ -35,9 +36,6 @@ def default_knobs(head_dim: int, dtype: str) -> dict:
     return {"block_m": 64, "block_n": 64, "num_threads": 64, "vectorized": 1}
 
 
-_BACKWARD_KNOBS = {"block_m": 32, "block_n": 32, "num_threads": 32}  # block_n <= num_threads there
-
-
 def check_vectorized(head_dim: int, dtype: str, block_m: int, block_n: int) -> None:
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
@@ -48,17 +46,10 @@ def check_vectorized(head_dim: int, dtype: str, block_m: int, block_n: int) -> N
 
 
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
-    """The backward PrimFuncs for the CPU (``compute_backward``): tiles in parallel.
-    Returns {name: PrimFunc} for ``flash_bwd_dkdv`` and ``flash_bwd_dq``."""
-    from tvm_flash.compute_backward import flash_backward
-
-    k = {**_BACKWARD_KNOBS, **{name: value for name, value in knobs.items() if name != "vectorized"}}
-    funcs = {}
-    for func in flash_backward(head_dim, dtype, causal, smem="global", reg="global", **k):
-        sch = tvm.s_tir.Schedule(func)
-        sch.parallel(tile_loop(sch))
-        funcs[str(func.attrs["global_symbol"])] = sch.mod["main"]
-    return funcs
+    """The backward PrimFuncs for the CPU (``backward_vectorized``; ``block_m``/``block_n``
+    knobs apply).  Returns {name: PrimFunc} for ``flash_bwd_dkdv`` and ``flash_bwd_dq``."""
+    k = {"block_m": 64, "block_n": 64, **{n: knobs[n] for n in ("block_m", "block_n") if n in knobs}}
+    return backward_vectorized(head_dim, dtype, causal, **k)
 
 
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
@@ -204,3 +195,176 @@ def _exp2_vec(x):
     two_n = T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
     # NaN stays NaN (it must reach its row's output, as in torch); below -126 (incl. -inf) is 0
     return T.if_then_else(T.isnan(x), x, T.if_then_else(x < T.float32(-126.0), T.float32(0), p * two_n))
+
+
+def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int = 64, block_n: int = 64) -> dict:
+    """The CPU backward as vector code, the math of ``compute_backward`` (P from the saved LSE,
+    delta = rowsum(dO * O) - dLSE, dS = P * (dP - delta)): ``flash_bwd_dkdv`` (one parallel task
+    per (batch, kv head, key tile): dK, dV over the group's query heads and query tiles) and
+    ``flash_bwd_dq`` (one per (batch, query head, query tile)).  K and V tiles are stored
+    transposed so S = Q Kᵀ and dP = dO Vᵀ are vector FMAs across keys; dV += Pᵀ dO, dK += dSᵀ Q
+    and dQ += dS K are vector FMAs across D, register-blocked over rows."""
+    check_vectorized(head_dim, dtype, block_m, block_n)
+    D, BM, BN, RB = head_dim, block_m, block_n, _RB
+    RBO = 4 if D <= 64 else 2 if D <= 128 else 1
+    SL = _LOG2E
+
+    @T.macro
+    def load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hq, row0, Sq, part8):
+        # Q and dO rows (fp32, zero past Sq), delta = rowsum(dO * O) - dLSE and LSE per row
+        for i in T.serial(BM):
+            for d in T.vectorized(D):
+                qs[i, d] = T.if_then_else(row0 + i < Sq, T.cast(q[b, hq, T.min(row0 + i, Sq - 1), d], "float32"), T.float32(0))
+                dos[i, d] = T.if_then_else(row0 + i < Sq, T.cast(do[b, hq, T.min(row0 + i, Sq - 1), d], "float32"), T.float32(0))
+            for w in T.vectorized(8):
+                part8[w] = T.float32(0)
+            for c in T.serial(D // 8):
+                for w in T.vectorized(8):
+                    part8[w] = part8[w] + dos[i, c * 8 + w] * T.cast(o[b, hq, T.min(row0 + i, Sq - 1), c * 8 + w], "float32")
+            dl[i] = T.float32(0)
+            for w in T.serial(8):
+                dl[i] = dl[i] + part8[w]
+            dl[i] = T.if_then_else(row0 + i < Sq, dl[i] - dlse[b, hq, T.min(row0 + i, Sq - 1)], T.float32(0))
+            ls[i] = T.if_then_else(row0 + i < Sq, lse[b, hq, T.min(row0 + i, Sq - 1)], T.float32(0))
+
+    @T.macro
+    def load_keys(kt, vt, ks, k, v, b, hk, col0, Sk):
+        # K and V tiles transposed (keys contiguous), and K row-major for dQ += dS K
+        for j in T.serial(BN):
+            for d in T.vectorized(D):
+                ks[j, d] = T.if_then_else(col0 + j < Sk, T.cast(k[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
+            for d in T.serial(D):
+                kt[d, j] = ks[j, d]
+                vt[d, j] = T.if_then_else(col0 + j < Sk, T.cast(v[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
+
+    @T.macro
+    def p_ds(qs, dos, kt, vt, dl, ls, p, ds, row0, col0, Sq, Sk, scale):
+        # S = Q Kᵀ into p, dP = dO Vᵀ into ds (vector FMAs across keys, RB rows per block), then
+        # P = exp(scale S - LSE) and dS = P (dP - delta), masked entries 0
+        for io in T.serial(BM // RB):
+            for ii in T.unroll(RB):
+                for j in T.vectorized(BN):
+                    p[io * RB + ii, j] = T.float32(0)
+                    ds[io * RB + ii, j] = T.float32(0)
+            for d in T.serial(D):
+                for ii in T.unroll(RB):
+                    for j in T.vectorized(BN):
+                        p[io * RB + ii, j] = p[io * RB + ii, j] + qs[io * RB + ii, d] * kt[d, j]
+                        ds[io * RB + ii, j] = ds[io * RB + ii, j] + dos[io * RB + ii, d] * vt[d, j]
+        for i in T.serial(BM):
+            for j in T.vectorized(BN):
+                p[i, j] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
+                                         T.float32(0), _exp2_vec((p[i, j] * scale - ls[i]) * T.float32(SL)))
+                ds[i, j] = p[i, j] * (ds[i, j] - dl[i])
+
+    # fmt: off
+    @T.prim_func
+    def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                       lse_h: T.handle, dlse_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
+        dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
+        for task in T.parallel(B * Hkv * ((Sk + BN - 1) // BN)):
+            qs = T.alloc_buffer((BM, D), "float32")
+            dos = T.alloc_buffer((BM, D), "float32")
+            kt = T.alloc_buffer((D, BN), "float32")
+            vt = T.alloc_buffer((D, BN), "float32")
+            ks = T.alloc_buffer((BN, D), "float32")
+            p = T.alloc_buffer((BM, BN), "float32")
+            ds = T.alloc_buffer((BM, BN), "float32")
+            dl = T.alloc_buffer((BM,), "float32")
+            ls = T.alloc_buffer((BM,), "float32")
+            part8 = T.alloc_buffer((8,), "float32")
+            dka = T.alloc_buffer((BN, D), "float32")
+            dva = T.alloc_buffer((BN, D), "float32")
+            nkt = (Sk + BN - 1) // BN
+            n0 = task % nkt * BN
+            hk = task // nkt % Hkv
+            b = task // nkt // Hkv
+            mt0 = T.if_then_else(causal, T.min(n0 // BM, (Sq + BM - 1) // BM), 0)
+            load_keys(kt, vt, ks, k, v, b, hk, n0, Sk)
+            for j in T.serial(BN):
+                for d in T.vectorized(D):
+                    dka[j, d] = T.float32(0)
+                    dva[j, d] = T.float32(0)
+            for g in T.serial(Hq // Hkv):
+                for mi in T.serial((Sq + BM - 1) // BM - mt0):
+                    load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq, part8)
+                    p_ds(qs, dos, kt, vt, dl, ls, p, ds, (mt0 + mi) * BM, n0, Sq, Sk, scale)
+                    for jo in T.serial(BN // RBO):
+                        for i in T.serial(BM):
+                            for jj in T.unroll(RBO):
+                                for d in T.vectorized(D):
+                                    dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + p[i, jo * RBO + jj] * dos[i, d]
+                                    dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + ds[i, jo * RBO + jj] * qs[i, d]
+            for j in T.serial(BN):
+                if n0 + j < Sk:
+                    for d in T.vectorized(D):
+                        dk[b, hk, n0 + j, d] = T.cast(dka[j, d] * scale, dtype)
+                        dv[b, hk, n0 + j, d] = T.cast(dva[j, d], dtype)
+
+    @T.prim_func
+    def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                     lse_h: T.handle, dlse_h: T.handle, dq_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dq", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
+        for task in T.parallel(B * Hq * ((Sq + BM - 1) // BM)):
+            qs = T.alloc_buffer((BM, D), "float32")
+            dos = T.alloc_buffer((BM, D), "float32")
+            kt = T.alloc_buffer((D, BN), "float32")
+            vt = T.alloc_buffer((D, BN), "float32")
+            ks = T.alloc_buffer((BN, D), "float32")
+            p = T.alloc_buffer((BM, BN), "float32")
+            ds = T.alloc_buffer((BM, BN), "float32")
+            dl = T.alloc_buffer((BM,), "float32")
+            ls = T.alloc_buffer((BM,), "float32")
+            part8 = T.alloc_buffer((8,), "float32")
+            dqa = T.alloc_buffer((BM, D), "float32")
+            nmt = (Sq + BM - 1) // BM
+            m0 = task % nmt * BM
+            hq = task // nmt % Hq
+            b = task // nmt // Hq
+            hk = hq // (Hq // Hkv)
+            load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hq, m0, Sq, part8)
+            for i in T.serial(BM):
+                for d in T.vectorized(D):
+                    dqa[i, d] = T.float32(0)
+            kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
+            for jt in T.serial((kv_len + BN - 1) // BN):
+                load_keys(kt, vt, ks, k, v, b, hk, jt * BN, Sk)
+                p_ds(qs, dos, kt, vt, dl, ls, p, ds, m0, jt * BN, Sq, Sk, scale)
+                for io in T.serial(BM // RBO):
+                    for j in T.serial(BN):
+                        for ii in T.unroll(RBO):
+                            for d in T.vectorized(D):
+                                dqa[io * RBO + ii, d] = dqa[io * RBO + ii, d] + ds[io * RBO + ii, j] * ks[j, d]
+            for i in T.serial(BM):
+                if m0 + i < Sq:
+                    for d in T.vectorized(D):
+                        dq[b, hq, m0 + i, d] = T.cast(dqa[i, d] * scale, dtype)
+    # fmt: on
+    return {"flash_bwd_dkdv": flash_bwd_dkdv, "flash_bwd_dq": flash_bwd_dq}
