@@ -45,13 +45,6 @@ def check_vectorized(head_dim: int, dtype: str, block_m: int, block_n: int) -> N
         raise ValueError(f"block_n={block_n} must be a multiple of 16 (vector lanes of the row reductions)")
 
 
-def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
-    """The backward PrimFuncs for the CPU (``backward_vectorized``; ``block_m``/``block_n``
-    knobs apply).  Returns {name: PrimFunc} for ``flash_bwd_dkdv`` and ``flash_bwd_dq``."""
-    k = {"block_m": 64, "block_n": 64, **{n: knobs[n] for n in ("block_m", "block_n") if n in knobs}}
-    return backward_vectorized(head_dim, dtype, causal, **k)
-
-
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     """Raise ValueError if the knobs (over the defaults) cannot build (cheap: no IR built).
     ``num_threads`` is checked for both kernels (the vectorized one ignores it) so that one
@@ -74,6 +67,13 @@ def schedule(head_dim: int, dtype: str, causal: bool, **knobs):
         if i is not None and sch.get(i).extent.value <= 16:
             sch.unroll(i)
     return sch.mod["main"]
+
+
+def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
+    """The backward PrimFuncs for the CPU (``backward_vectorized``; ``block_m``/``block_n``
+    knobs apply).  Returns {name: PrimFunc} for ``flash_bwd_dkdv`` and ``flash_bwd_dq``."""
+    k = {"block_m": 64, "block_n": 64, **{n: knobs[n] for n in ("block_m", "block_n") if n in knobs}}
+    return backward_vectorized(head_dim, dtype, causal, **k)
 
 
 def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int = 64, block_n: int = 64):
@@ -289,6 +289,8 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             part8 = T.alloc_buffer((8,), "float32")
             dka = T.alloc_buffer((BN, D), "float32")
             dva = T.alloc_buffer((BN, D), "float32")
+            dkp = T.alloc_buffer((RBO, D), "float32")
+            dvp = T.alloc_buffer((RBO, D), "float32")
             nkt = (Sk + BN - 1) // BN
             n0 = task % nkt * BN
             hk = task // nkt % Hkv
@@ -303,12 +305,22 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                 for mi in T.serial((Sq + BM - 1) // BM - mt0):
                     load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq, part8)
                     p_ds(qs, dos, kt, vt, dl, ls, p, ds, (mt0 + mi) * BM, n0, Sq, Sk, scale)
+                    # per query tile partial sums, then into the running total: short fp32
+                    # rounding chains over long sequences and large GQA groups
                     for jo in T.serial(BN // RBO):
+                        for jj in T.unroll(RBO):
+                            for d in T.vectorized(D):
+                                dvp[jj, d] = T.float32(0)
+                                dkp[jj, d] = T.float32(0)
                         for i in T.serial(BM):
                             for jj in T.unroll(RBO):
                                 for d in T.vectorized(D):
-                                    dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + p[i, jo * RBO + jj] * dos[i, d]
-                                    dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + ds[i, jo * RBO + jj] * qs[i, d]
+                                    dvp[jj, d] = dvp[jj, d] + p[i, jo * RBO + jj] * dos[i, d]
+                                    dkp[jj, d] = dkp[jj, d] + ds[i, jo * RBO + jj] * qs[i, d]
+                        for jj in T.unroll(RBO):
+                            for d in T.vectorized(D):
+                                dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + dvp[jj, d]
+                                dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + dkp[jj, d]
             for j in T.serial(BN):
                 if n0 + j < Sk:
                     for d in T.vectorized(D):
@@ -344,6 +356,7 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             ls = T.alloc_buffer((BM,), "float32")
             part8 = T.alloc_buffer((8,), "float32")
             dqa = T.alloc_buffer((BM, D), "float32")
+            dqp = T.alloc_buffer((RBO, D), "float32")
             nmt = (Sq + BM - 1) // BM
             m0 = task % nmt * BM
             hq = task // nmt % Hq
@@ -357,11 +370,17 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             for jt in T.serial((kv_len + BN - 1) // BN):
                 load_keys(kt, vt, ks, k, v, b, hk, jt * BN, Sk)
                 p_ds(qs, dos, kt, vt, dl, ls, p, ds, m0, jt * BN, Sq, Sk, scale)
-                for io in T.serial(BM // RBO):
+                for io in T.serial(BM // RBO):  # per key tile partial sums, as dK / dV
+                    for ii in T.unroll(RBO):
+                        for d in T.vectorized(D):
+                            dqp[ii, d] = T.float32(0)
                     for j in T.serial(BN):
                         for ii in T.unroll(RBO):
                             for d in T.vectorized(D):
-                                dqa[io * RBO + ii, d] = dqa[io * RBO + ii, d] + ds[io * RBO + ii, j] * ks[j, d]
+                                dqp[ii, d] = dqp[ii, d] + ds[io * RBO + ii, j] * ks[j, d]
+                    for ii in T.unroll(RBO):
+                        for d in T.vectorized(D):
+                            dqa[io * RBO + ii, d] = dqa[io * RBO + ii, d] + dqp[ii, d]
             for i in T.serial(BM):
                 if m0 + i < Sq:
                     for d in T.vectorized(D):
