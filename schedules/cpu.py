@@ -15,12 +15,10 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from tvm_flash.compute import check_tiles, flash_forward
+from tvm_flash.compute import LN2, LOG2E, check_tiles, flash_forward
 
 from .common import phase_loops, tile_loop
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _EXP2_TAYLOR = [math.log(2) ** i / math.factorial(i) for i in range(8)]  # 2^f = sum (f ln2)^i / i!
 _RB = 4  # rows per register block of the vectorized kernel
 
@@ -82,10 +80,9 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
     O += P V one across D, both register-blocked over ``_RB`` rows; a vectorizable exp2;
     fp32 inside (fp16/bf16 converted on load and store)."""
     check_vectorized(head_dim, dtype, block_m, block_n)
-    rb = _RB
     # rows per register block of O += P V: about 16 vector registers of accumulators (D / 16 each)
     RBO = 4 if head_dim <= 64 else 2 if head_dim <= 128 else 1  # divides block_m (a multiple of 4)
-    D, BM, BN, RB = head_dim, block_m, block_n, rb
+    D, BM, BN, RB = head_dim, block_m, block_n, _RB
     NEG_INF = -math.inf
 
     @T.prim_func
@@ -117,7 +114,7 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
             b = task // nmt // Hq
             hk = hq // (Hq // Hkv)
             m0 = mt * BM
-            sl2 = scale * T.float32(_LOG2E)
+            sl2 = scale * T.float32(LOG2E)
             for i in T.serial(BM):
                 for d in T.vectorized(D):
                     qs[i, d] = T.if_then_else(m0 + i < Sq, T.cast(q[b, hq, T.min(m0 + i, Sq - 1), d], "float32"), T.float32(0)) * sl2
@@ -178,7 +175,7 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
                 if m0 + i < Sq:
                     for d in T.vectorized(D):
                         o[b, hq, m0 + i, d] = T.cast(acc[i, d] / l_i[i], dtype)
-                    lse[b, hq, m0 + i] = (m_i[i] + T.log2(l_i[i])) * T.float32(_LN2)
+                    lse[b, hq, m0 + i] = (m_i[i] + T.log2(l_i[i])) * T.float32(LN2)
 
     return flash_fwd
 
@@ -207,7 +204,6 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
     check_vectorized(head_dim, dtype, block_m, block_n)
     D, BM, BN, RB = head_dim, block_m, block_n, _RB
     RBO = 4 if D <= 64 else 2 if D <= 128 else 1
-    SL = _LOG2E
 
     @T.macro
     def load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hq, row0, Sq, part8):
@@ -254,7 +250,7 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
         for i in T.serial(BM):
             for j in T.vectorized(BN):
                 p[i, j] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
-                                         T.float32(0), _exp2_vec((p[i, j] * scale - ls[i]) * T.float32(SL)))
+                                         T.float32(0), _exp2_vec((p[i, j] * scale - ls[i]) * T.float32(LOG2E)))
                 ds[i, j] = p[i, j] * (ds[i, j] - dl[i])
 
     # fmt: off

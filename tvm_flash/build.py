@@ -46,12 +46,17 @@ log = logging.getLogger("tvm_flash")
 _mount_source_schedules()
 
 
+def host_cpu() -> str:
+    """This machine's CPU as LLVM names it (e.g. "znver4"): the ``mcpu`` of builds made here."""
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
 def make_target(kind: str, arch: str | None = None) -> tvm.target.Target:
     """The TVM target for "llvm" or "cuda" (``arch``: a CUDA arch like "sm_90", or for "llvm" a
     CPU like "znver4" or "host" for this machine's; none: generic x86-64, portable)."""
     if kind == "llvm":
         if arch == "host":
-            arch = tvm.target.codegen.llvm_get_system_cpu()
+            arch = host_cpu()
         return tvm.target.Target({"kind": "llvm", **({"mcpu": arch} if arch else {})})
     if kind == "cuda":
         return tvm.target.Target({"kind": "cuda", "arch": arch or "sm_90", "max_shared_memory_per_block": 232448})

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import tvm
 
-from .build import Workload, make_target, schedule_module
+from .build import Workload, host_cpu, make_target, schedule_module
 
 log = logging.getLogger("tvm_flash")
 
@@ -329,7 +329,7 @@ def tune_target(kind: str, arch: str | None = None) -> tvm.target.Target:
         import psutil
 
         return tvm.target.Target({"kind": "llvm", "num-cores": psutil.cpu_count(logical=False) or 1,
-                                  "mcpu": tvm.target.codegen.llvm_get_system_cpu()})  # as built at first use
+                                  "mcpu": host_cpu()})  # as built at first use
     return make_target(kind, arch)
 
 
