@@ -89,7 +89,7 @@ def main():
     ap.add_argument("--hd", default="64,128")
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--causal", default="0,1")
-    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--seq", default="4096", help="comma-separated sequence lengths (16k tokens each)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -107,12 +107,14 @@ def main():
                         continue
                     ok, worst = check(fn, hd, dt, bool(causal))
                     row = {"hd": hd, "dtype": dt, "causal": causal, "knobs": kn, "ok": ok, "err_ratio": worst}
-                    if ok and not args.no_bench:
-                        row.update(bench(fn, hd, dt, bool(causal), 16384 // args.seq, 2048 // hd, args.seq))
+                    extra = ""
+                    for seq in (map(int, args.seq.split(",")) if ok and not args.no_bench else ()):
+                        res = bench(fn, hd, dt, bool(causal), 16384 // seq, 2048 // hd, seq)
+                        row[f"s{seq}"] = res
+                        extra += (f"\n    s{seq}: tvm {res['tvm']:.0f} fa2 {res['fa2']:.0f} cudnn {res['cudnn']:.0f}"
+                                  f" TFLOP/s  x{res['tvm'] / res['fa2']:.3f} FA2 x{res['tvm'] / res['cudnn']:.3f} cuDNN")
                     rows.append(row)
-                    extra = "" if "tvm" not in row else (f" tvm {row['tvm']:.0f} fa2 {row['fa2']:.0f} cudnn {row['cudnn']:.0f}"
-                                                         f" TFLOP/s  x{row['tvm'] / row['fa2']:.3f} FA2")
-                    print(f"{dt} hd{hd} c{causal} {kn}: ok={ok} err/sdpa={worst:.2f}{extra} ({time.time() - t0:.1f}s)", flush=True)
+                    print(f"{dt} hd{hd} c{causal} {kn}: ok={ok} err/sdpa={worst:.2f} ({time.time() - t0:.1f}s){extra}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

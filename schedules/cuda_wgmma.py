@@ -31,6 +31,9 @@ This kernel is ``cuda_tc``'s algorithm moved onto ``wgmma``:
     registers than the launch gives, ``setmaxnreg`` moves them from the loader;
 * loop order: plain (S_j, wait, softmax_j, P V_j) or, with ``overlap=1``, FA3's intra-warpgroup
   order (issue S_{j+1}, rescale O, issue P V_j, wait S_{j+1}, softmax_{j+1} while P V_j runs);
+  with ``pingpong=1`` (and ``ws``) also FA3's inter-warpgroup order: the consumer warpgroups take
+  turns to issue their wgmmas (named barriers, round robin), so one's softmax runs while the
+  next one's GEMMs do, instead of drifting into step;
 * epilogue as ``cuda_tc``: O / l to global (rows >= Sq not written), LSE = m * scale + ln(l).
 
 Shapes, GQA, causal (top-left aligned, tiles above the diagonal skipped), tails: as ``cuda_tc``.
@@ -81,6 +84,15 @@ def _setmaxnreg(op, n):
     return T.cuda.func_call(name, source_code=src)
 
 
+def _named_bar(op, bar_id, count):
+    """``bar.sync`` / ``bar.arrive`` on named barrier ``bar_id`` (1-15; 0 is __syncthreads) for
+    ``count`` threads: the ping-pong order of the consumer warpgroups."""
+    name = f"tvm_flash_bar_{op}"
+    src = (f"__forceinline__ __device__ void {name}(int id, int n) {{\n"
+           f'  asm volatile("bar.{op} %0, %1;" :: "r"(id), "r"(n) : "memory");\n}}\n')
+    return T.cuda.func_call(name, bar_id, count, source_code=src)
+
+
 def _mbar(op, addr, *args):
     """Call the mbarrier helper ``op`` of ``_MBAR_ASM`` on the barrier at ``addr`` (shared memory)."""
     param, asm, operands = _MBAR_ASM[op]
@@ -125,7 +137,7 @@ def _acc_regs(head_dim, block_n):
     return block_n // 2 + head_dim // 2 + block_n // 4
 
 
-def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False):
+def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False):
     if dtype not in _PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -136,6 +148,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError(f"block_n must be a multiple of 16 in [16, 256], got {block_n}")
     if num_stages < 2:
         raise ValueError("num_stages must be >= 2")
+    if pingpong and not (ws and overlap and num_wg >= 2):
+        raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
@@ -160,6 +174,7 @@ def forward_wgmma(
     defer_pv_wait: bool | None = None,
     overlap: bool = False,
     ws: bool = False,
+    pingpong: bool = False,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -178,6 +193,11 @@ def forward_wgmma(
     ``ws``: warp specialization (module docstring): a loader warpgroup and mbarriers in place of
     all-thread loads and ``__syncthreads``.
 
+    ``pingpong``: with ``ws`` and ``overlap``, the consumer warpgroups issue their wgmmas in
+    turn (warpgroup w waits on named barrier 1+w, then arrives on the next one's): FA3's
+    warp-scheduler barrier.  Warpgroup 0 goes first; the last warpgroup arrives once before its
+    loop and skips its final arrival, so every barrier's arrivals match its waits.
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads).
@@ -186,7 +206,7 @@ def forward_wgmma(
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
@@ -402,6 +422,19 @@ def forward_wgmma(
         issue_pv(slot)
 
     @_body_macro
+    def turn_wait():
+        # pingpong: wait for this warpgroup's turn to issue wgmmas
+        if pingpong:
+            _named_bar("sync", 1 + wg, 256)
+
+    @_body_macro
+    def turn_pass(last):
+        # pingpong: the next warpgroup's turn (the last warpgroup's final pass is skipped: it
+        # passed once before its loop)
+        if pingpong and not (last and wg == NWG - 1):
+            _named_bar("arrive", 1 + (wg + 1) % NWG, 256)
+
+    @_body_macro
     def consumer():
         # accumulators, descriptors, the key loop and the epilogue of one consumer warpgroup
         for i in T.serial(OACC):
@@ -428,17 +461,24 @@ def forward_wgmma(
                     wg_wait(0)
                     pin_all(acc, OACC)
         elif ws:
-            # FA3 order (see below) with the loader warpgroup's barriers
+            # FA3 order (see below) with the loader warpgroup's barriers; with pingpong every
+            # wgmma issue is one turn of the round robin between the consumer warpgroups
+            if pingpong and wg == NWG - 1:
+                _named_bar("arrive", 1, 256)  # warpgroup 0 goes first
             wait_full(0)
+            turn_wait()
             issue_s(s, 0)
+            turn_pass(False)
             wg_wait(0)
             pin_all(s, SACC)
             softmax_rows(s, 0)
             pack_p(s)
             for j in T.serial(n_blk - 1):
                 wait_full(j + 1)
+                turn_wait()
                 issue_s(s, (j + 1) % NS)
                 rescale_issue_pv(j % NS)
+                turn_pass(False)
                 wg_wait(1)  # S_{j+1} complete; P V_j in flight
                 pin_all(s, SACC)
                 softmax_rows(s, j + 1)
@@ -446,7 +486,9 @@ def forward_wgmma(
                 pin_all(acc, OACC)
                 release(j)
                 pack_p(s)
+            turn_wait()
             rescale_issue_pv((n_blk - 1) % NS)
+            turn_pass(True)
         elif not overlap:
             for j in T.serial(n_blk):
                 wait_group(NS - 2)  # tile j (and Q) landed: own copies
@@ -586,6 +628,7 @@ KNOB_SPACE = {
     "defer_pv_wait": [0, 1],
     "ws": [0, 1],
     "overlap": [0, 1],
+    "pingpong": [0, 1],
 }
 
 
@@ -612,14 +655,14 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
-           bool(k.get("ws", False)))
+           bool(k.get("ws", False)), bool(k.get("pingpong", False)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = {**default_knobs(head_dim, dtype, causal), **knobs}
-    for name in ("defer_pv_wait", "overlap", "ws"):
+    for name in ("defer_pv_wait", "overlap", "ws", "pingpong"):
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)
