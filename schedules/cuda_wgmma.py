@@ -638,22 +638,33 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
-    """The best of knob sweeps on the H200 (bf16, 16k tokens at seq 4096; docs/perf-notes.md v3, v4):
-    hd64 416 / 385 TFLOP/s (non-causal / causal, all-threads loading); hd128 542 / 488, hd192
-    570 / 479, hd256 518 / 460 (warp specialized, FA3 order)."""
+    """The best of knob sweeps on the H200 (bf16, 16k tokens; docs/perf-notes.md v3-v5): hd64
+    all-threads loading, 413 / 382 TFLOP/s at seq 4096 (non-causal / causal); hd128 warp
+    specialized with FA3's intra- and inter-warpgroup (ping-pong) order, 128-key tiles, 3 slots:
+    368-566 / 237-548 over seq 512-16k; hd192 570 / 479, hd256 518 / 460 at seq 4096 (warp
+    specialized, FA3 order; ping-pong at hd192 non-causal)."""
     if head_dim <= 64:
         base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0}
         return {**base, "block_n": 96, "num_stages": 3} if causal else base
-    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1}
+    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0}
     if head_dim <= 128:
-        return {**ws, "block_n": 96, "num_stages": 4}
+        return {**ws, "block_n": 128, "num_stages": 3, "pingpong": 1}
     if head_dim <= 192:
-        return {**ws, "block_n": 64, "num_stages": 3}
+        return {**ws, "block_n": 64, "num_stages": 3, "pingpong": int(not causal)}
     return {**ws, "block_n": 48, "num_stages": 3}
 
 
-def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
+def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
+    """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
+    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
+    if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
+        k["pingpong"] = 0
+    return k
+
+
+def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
+    k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
            bool(k.get("ws", False)), bool(k.get("pingpong", False)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
@@ -661,7 +672,7 @@ def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
-    knobs = {**default_knobs(head_dim, dtype, causal), **knobs}
+    knobs = merge_knobs(head_dim, dtype, causal, knobs)
     for name in ("defer_pv_wait", "overlap", "ws", "pingpong"):
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])

@@ -50,7 +50,7 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups, setmaxnreg
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # 4 warpgroups, no setmaxnreg
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # ping-pong
-    (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3}),  # ping-pong
+    (128, {"ws": 1, "overlap": 1, "pingpong": 0, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # no ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # ping-pong, 2 slots
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
 ]

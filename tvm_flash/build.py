@@ -186,11 +186,15 @@ def _load_or_build(key: str, workload: Workload, target: tvm.target.Target, comp
 def effective_knobs(workload: Workload, target, knobs: dict | None) -> dict:
     """The knobs a kernel is built with: ``knobs`` over the schedule's defaults."""
     sched = schedule_module(target, workload)
-    try:
-        defaults = sched.default_knobs(workload.head_dim, workload.dtype, workload.causal)
-    except TypeError:  # schedules whose defaults do not depend on causality
-        defaults = sched.default_knobs(workload.head_dim, workload.dtype)
-    return {k: (int(v) if isinstance(v, bool) else v) for k, v in {**defaults, **(knobs or {})}.items()}
+    if hasattr(sched, "merge_knobs"):  # schedules whose defaults depend on the given knobs
+        merged = sched.merge_knobs(workload.head_dim, workload.dtype, workload.causal, knobs or {})
+    else:
+        try:
+            defaults = sched.default_knobs(workload.head_dim, workload.dtype, workload.causal)
+        except TypeError:  # schedules whose defaults do not depend on causality
+            defaults = sched.default_knobs(workload.head_dim, workload.dtype)
+        merged = {**defaults, **(knobs or {})}
+    return {k: (int(v) if isinstance(v, bool) else v) for k, v in merged.items()}
 
 
 def export(workloads, target: tvm.target.Target, folder) -> Path:
