@@ -17,13 +17,17 @@ module turns the unscheduled PrimFunc into one ready for ``tvm.compile``:
                  thread (rows x keys of S, rows x dims of O), cp.async ring.
 - ``cuda_simt``  CUDA, plain FFMA: one thread block per query tile, phases
                  bound to ``threadIdx.x``, tiles in shared memory.  Serves
-                 the head dims the two kernels above do not (not multiples of 16).
+                 the head dims the two kernels above do not (not multiples of 16),
+                 and the backward where ``cuda_wgmma_bwd`` does not apply.
+- ``cuda_wgmma_bwd`` Hopper (``sm_90a``) backward on ``wgmma`` (fp16/bf16, head dims
+                 64/128): dK/dV per key tile and dQ per query tile.
 
 ``for_target(kind, dtype, head_dim, arch)`` picks the module for a workload's forward,
-``backward_for_target(kind)`` the one whose ``schedule_backward`` builds its backward.
+``backward_for_target(kind, dtype, head_dim, arch)`` the one whose ``schedule_backward``
+builds its backward.
 """
 
-from . import cpu, cuda_ffma, cuda_simt, cuda_tc, cuda_wgmma
+from . import cpu, cuda_ffma, cuda_simt, cuda_tc, cuda_wgmma, cuda_wgmma_bwd
 
 
 def for_target(kind: str, dtype: str, head_dim: int, arch: str | None = None):
@@ -40,10 +44,13 @@ def for_target(kind: str, dtype: str, head_dim: int, arch: str | None = None):
     raise ValueError(f"no schedule for target kind {kind!r} (supported: 'llvm', 'cuda')")
 
 
-def backward_for_target(kind: str):
-    """The schedule module with ``schedule_backward`` for a target kind."""
+def backward_for_target(kind: str, dtype: str | None = None, head_dim: int | None = None, arch: str | None = None):
+    """The schedule module with ``schedule_backward`` for a target kind (on CUDA "sm_90a",
+    fp16/bf16 at head dims 64/128 get the wgmma backward; the rest the plain FFMA one)."""
     if kind == "llvm":
         return cpu
     if kind == "cuda":
+        if arch == "sm_90a" and dtype is not None and cuda_wgmma_bwd.supports(head_dim, dtype):
+            return cuda_wgmma_bwd
         return cuda_simt
     raise ValueError(f"no backward schedule for target kind {kind!r} (supported: 'llvm', 'cuda')")

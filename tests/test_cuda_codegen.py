@@ -58,6 +58,32 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     assert len(spills) == 2 and max(spills) <= 64, res.stderr
 
 
+@pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (128, "float16", True)])
+def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
+    """On sm_90a, fp16/bf16 at head dims 64/128 get the wgmma backward (others the FFMA one); both
+    of its kernels assemble with no spill and no serialized wgmma."""
+    import tvm
+
+    from tvm_flash.build import Workload, backward_schedule_module, make_target
+
+    target = make_target("cuda", "sm_90a")
+    sched = backward_schedule_module(target, Workload(d, dtype, causal))
+    assert sched.__name__.endswith("cuda_wgmma_bwd")
+    for other in (Workload(96, dtype, causal), Workload(d, "float32", causal), Workload(256, dtype, causal)):
+        assert backward_schedule_module(target, other).__name__.endswith("cuda_simt")
+    assert backward_schedule_module(make_target("cuda", "sm_90"), Workload(d, dtype, causal)).__name__.endswith("cuda_simt")
+    funcs = sched.schedule_backward(d, dtype, causal)
+    src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == 2 and all(f == ("0", "0") for f in frames), res.stderr
+
+
 @pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (64, "float16", True), (128, "bfloat16", True),
                                             (128, "float16", False), (192, "bfloat16", False), (256, "float16", True)])
 def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):

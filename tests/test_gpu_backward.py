@@ -1,4 +1,5 @@
-"""The CUDA backward (``schedules.cuda_simt.schedule_backward``) against float64 autograd.
+"""The CUDA backward against float64 autograd: the wgmma kernels (``schedules.cuda_wgmma_bwd``,
+Hopper, fp16/bf16 at head dims 64/128) and the plain FFMA ones (``schedules.cuda_simt``).
 
 The kernels are called directly on NaN-poisoned dQ/dK/dV, then once end to end through
 ``loss.backward()``.  Accuracy rule as on the CPU: fp32 within 1e-5; fp16/bf16 within 2x
@@ -17,20 +18,24 @@ from tvm_flash.workload import Workload
 
 pytestmark = gpu
 
-CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal
-    (torch.float32, 2, 4, 2, 200, 150, 64, False),
-    (torch.float32, 1, 2, 1, 77, 300, 128, True),
-    (torch.float32, 1, 4, 1, 300, 77, 32, True),
-    (torch.bfloat16, 2, 4, 2, 129, 129, 64, True),
-    (torch.bfloat16, 1, 2, 1, 200, 333, 128, False),
-    (torch.float16, 1, 4, 4, 100, 100, 96, True),
+CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal, with a gradient into the LSE
+    (torch.float32, 2, 4, 2, 200, 150, 64, False, True),
+    (torch.float32, 1, 2, 1, 77, 300, 128, True, True),
+    (torch.float32, 1, 4, 1, 300, 77, 32, True, True),
+    (torch.bfloat16, 2, 4, 2, 129, 129, 64, True, False),  # wgmma from here on (on Hopper) ...
+    (torch.bfloat16, 1, 2, 1, 200, 333, 128, False, False),
+    (torch.float16, 1, 4, 2, 333, 517, 64, False, True),
+    (torch.bfloat16, 1, 3, 1, 300, 77, 128, True, True),  # Sq > Sk: key tiles past the queries
+    (torch.float16, 2, 2, 2, 77, 300, 128, True, False),
+    (torch.bfloat16, 1, 2, 2, 1, 1, 128, True, False),  # one query, one key
+    (torch.float16, 1, 4, 4, 100, 100, 96, True, False),  # ... plain FFMA (head dim 96)
 ]
 
 
-@pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal", CASES)
-def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal):
+@pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal,with_dlse", CASES)
+def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, with_dlse):
     q, k, v, do = make(b, hq, hkv, sq, sk, d, dtype, seed=sq + sk + d)
-    dlse = torch.randn(b, hq, sq) if dtype == torch.float32 else None
+    dlse = torch.randn(b, hq, sq) if with_dlse else None
     ref = ref_grads(q, k, v, do, causal, dlse)
     # the forward on the GPU gives out and lse, as autograd would
     qc, kc, vc, doc = (t.cuda() for t in (q, k, v, do))

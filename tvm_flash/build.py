@@ -83,10 +83,14 @@ def schedule_module(target, workload: Workload):
     return schedules.for_target(kind, workload.dtype, workload.head_dim, arch)
 
 
-def backward_schedule_module(kind: str):
+def backward_schedule_module(target, workload: Workload | None = None):
+    """The schedule module of a workload's backward on ``target`` (a Target, or a kind string)."""
     from . import schedules
 
-    return schedules.backward_for_target(kind)
+    kind, arch = _kind_arch(target)
+    if workload is None:
+        return schedules.backward_for_target(kind)
+    return schedules.backward_for_target(kind, workload.dtype, workload.head_dim, arch)
 
 
 def scheduled_func(workload: Workload, target, knobs: dict | None = None):
@@ -96,7 +100,7 @@ def scheduled_func(workload: Workload, target, knobs: dict | None = None):
 
 
 def cache_key(workload: Workload, target: tvm.target.Target, knobs: dict | None = None, backward: bool = False) -> str:
-    sched = backward_schedule_module(target.kind.name) if backward else schedule_module(target, workload)
+    sched = backward_schedule_module(target, workload) if backward else schedule_module(target, workload)
     blob = json.dumps(
         {
             "workload": dataclasses.asdict(workload),
@@ -133,8 +137,9 @@ def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | 
 
 def get_backward_kernels(workload: Workload, target: tvm.target.Target):
     """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload (``compute_backward``), from memory,
-    disk or a fresh build (CPU: ``schedules.cpu``; CUDA: ``schedules.cuda_simt``)."""
-    sched = backward_schedule_module(target.kind.name)
+    disk or a fresh build (CPU: ``schedules.cpu``; CUDA: ``schedules.cuda_wgmma_bwd`` on
+    sm_90a for fp16/bf16 at head dims 64/128, else ``schedules.cuda_simt``)."""
+    sched = backward_schedule_module(target, workload)
     key = cache_key(workload, target, None, backward=True)
     with _lock:
         fns = _memory.get(key)

@@ -139,8 +139,8 @@ def _flash_fwd_fake(q, k, v, causal, scale):
 
 
 def _backward_kernels(device_type: str, device_index, workload: Workload):
-    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload on a device: LLVM on the CPU, the plain
-    FFMA CUDA kernels (``schedules.cuda_simt.schedule_backward``) on a GPU."""
+    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload on a device: LLVM on the CPU; on a GPU
+    the wgmma kernels (Hopper, fp16/bf16, head dims 64/128) or the plain FFMA ones."""
     if device_type not in ("cpu", "cuda"):
         raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
     try:

@@ -1,0 +1,445 @@
+"""Hopper (sm_90a) attention backward on ``wgmma`` tensor cores, as TVM TIR (``T.ptx`` dialect).
+
+The two PrimFuncs of ``tvm_flash/compute_backward.py`` (same signatures, same math: dK, dV per
+key tile; dQ per query tile; no atomics, so the result is deterministic), with every product on
+``wgmma`` and fp32 accumulation.  Each GEMM takes one of the two operand forms the forward kernel
+(``cuda_wgmma``) already uses, so the tile layout, descriptors and register fragments are the
+forward's: tiles in shared memory as 128-byte-swizzled 64-column panels, loaded with ``cp.async``;
+an m64nNk16 wgmma with A and B "K-major" from shared memory, or with A from registers (a
+packed fp16/bf16 accumulator) and B "MN-major" from shared memory.
+
+``flash_bwd_dkdv``: one CTA per (key tile of ``64 * num_wg`` keys, kv head, batch), one
+warpgroup per 64 keys; K and V stay in shared memory, (Q, dO) tiles of ``block_q`` queries of
+every query head of the group stream through a ``num_stages`` ring::
+
+    S^T  = K Q^T                 (A: K, B: Q, both K-major)
+    dP^T = V dO^T                (A: V, B: dO)
+    P^T  = exp2(S^T * scale*log2e - LSE*log2e)   (0 above the diagonal / past Sq)
+    dS^T = P^T * (dP^T - delta)  (delta = rowsum(dO * O) - dLSE, per query)
+    dV  += P^T dO ; dK += dS^T Q (A: packed P^T / dS^T registers, B: dO / Q MN-major)
+
+LSE and delta of the next (Q, dO) tile are computed into shared memory while the current one
+runs.  ``flash_bwd_dq``: one CTA per (query tile of ``64 * num_wg`` rows, query head, batch); Q
+and dO stay, (K, V) tiles of ``block_n`` keys stream through the ring::
+
+    S = Q K^T ; dP = dO V^T ; P = exp2(S * scale*log2e - LSE*log2e) ; dS = P * (dP - delta)
+    dQ += dS K                   (A: packed dS registers, B: K MN-major)
+
+dK and dQ are multiplied by ``scale`` at the end.  Causal (top-left aligned) key/query tiles
+wholly above the diagonal are skipped.  Head dims 64 and 128, fp16/bf16; other cases use the
+plain CUDA backward (``cuda_simt``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm.script import tirx as T
+
+from .cuda_wgmma import _LOG2E, _PIN_SRC, _PTX_TYPE, MAX_SMEM, _body_macro
+
+__all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
+
+FULL = 0xFFFFFFFF
+
+
+def supports(head_dim: int, dtype: str) -> bool:
+    """fp16/bf16 with head dim 64 or 128 (dK + dV accumulators of a 256-wide head would not fit)."""
+    return dtype in _PTX_TYPE and head_dim in (64, 128)
+
+
+def default_knobs_backward(head_dim: int) -> dict:
+    """dK/dV: 2 warpgroups (128 keys), 64 queries per step at hd64, 32 at hd128 (registers:
+    dK + dV accumulators take head_dim per thread); dQ: 2 warpgroups (128 rows), 64 keys."""
+    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 2}
+
+
+def _tile_macros(D, LT, cp_async):
+    """``load_tile``: a (rows x D) tile of ``src[bz, h, row0:row0+rows, :]`` into shared memory at
+    element offset ``off`` as D/64 swizzled panels of rows x 64 (row r's 16-byte chunk c at
+    ``r*64 + ((c ^ (r % 8)) * 8)``), rows >= n zero-filled; LT threads, lt this thread's index."""
+
+    def make(rows):
+        panel = rows * 64
+        iters = (rows * (D // 8) + LT - 1) // LT
+        rem = rows * (D // 8) % LT
+
+        @T.macro
+        def load_tile(smem, src, bz, h, n, row0, off, lt):
+            for it in T.unroll(iters):
+                e = it * LT + lt
+                if rem == 0 or e < rows * (D // 8):
+                    c8 = (e // (8 * rows)) * 8 + e % 8
+                    r = (e // 8) % rows
+                    cp_async(T.address_of(smem[off + (c8 // 8) * panel + r * 64 + ((c8 % 8) ^ (r % 8)) * 8]),
+                             T.address_of(src[bz, h, T.min(row0 + r, n - 1), c8 * 8]), 16,
+                             T.if_then_else(row0 + r < n, T.uint32(16), T.uint32(0)))
+
+        return load_tile
+
+    return make
+
+
+def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
+    if not supports(head_dim, dtype):
+        raise ValueError(f"the wgmma backward needs fp16/bf16 and head dim 64 or 128, got {dtype} d={head_dim}")
+    if num_wg not in (1, 2) or num_stages < 2:
+        raise ValueError("num_wg must be 1 or 2 and num_stages >= 2")
+    if block_q % 16 or not 16 <= block_q <= 64 or block_n % 16 or not 16 <= block_n <= 128:
+        raise ValueError("block_q must be a multiple of 16 in [16, 64], block_n a multiple of 16 in [16, 128]")
+    # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
+    # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
+    # (head_dim/2); about 40 more for addresses and softmax state, within 255
+    if block_q * 3 // 2 + head_dim + 40 > 255 or block_n * 5 // 4 + head_dim // 2 + 40 > 255:
+        raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
+    smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024
+    smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024
+    if max(smem_dkdv, smem_dq) > MAX_SMEM:
+        raise ValueError("tile configuration exceeds 227 KiB of shared memory")
+
+
+def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
+                         block_n: int = 64, num_stages: int = 2):
+    """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring)."""
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages)
+    D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
+    NT = 128 * NWG
+    BM = 64 * NWG  # keys per dK/dV CTA; queries per dQ CTA
+    NP = D // 64
+    KD = D // 16
+    M_PANEL = BM * 64  # the stationary tiles' panel (BM rows)
+    Q_PANEL = BQ * 64  # dK/dV kernel: streamed (Q, dO) tiles
+    N_PANEL = BN * 64  # dQ kernel: streamed (K, V) tiles
+    SBO = 1024 >> 4
+    ab = _PTX_TYPE[dtype]
+    ss_q = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BQ}k16.f32.{ab}.{ab}"]
+    ss_n = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{ab}.{ab}"]
+    rs_d = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{ab}.{ab}"]
+    wg_fence = T.ptx["wgmma.fence.sync.aligned"]
+    wg_commit = T.ptx["wgmma.commit_group.sync.aligned"]
+    wg_wait = T.ptx["wgmma.wait_group.sync.aligned"]
+    fence_proxy = T.ptx["fence.proxy.async.shared::cta"]
+    cp_async = T.ptx["cp.async.cg.shared.global"]
+    commit = T.ptx["cp.async.commit_group"]
+    wait_group = T.ptx["cp.async.wait_group"]
+    ex2 = T.ptx["ex2.approx.ftz.f32"]
+    pack2 = T.ptx[f"cvt.rn.{ab}x2.f32"]
+    LOG2E = _LOG2E
+    INF = math.inf
+    tiles = _tile_macros(D, NT, cp_async)
+    load_m, load_q, load_n = tiles(BM), tiles(BQ), tiles(BN)
+
+    @_body_macro
+    def pin_all(buf, n):
+        for i in T.unroll(n):
+            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=_PIN_SRC)
+
+    @_body_macro
+    def pack_frag(dst, src, kn_count):
+        # fp32 accumulator (m64nN layout) -> fp16/bf16 pairs: the register-A fragment of wgmma
+        for kn in T.unroll(kn_count):
+            pack2(dst[kn * 4 + 0], src[(2 * kn) * 4 + 1], src[(2 * kn) * 4 + 0])
+            pack2(dst[kn * 4 + 1], src[(2 * kn) * 4 + 3], src[(2 * kn) * 4 + 2])
+            pack2(dst[kn * 4 + 2], src[(2 * kn + 1) * 4 + 1], src[(2 * kn + 1) * 4 + 0])
+            pack2(dst[kn * 4 + 3], src[(2 * kn + 1) * 4 + 3], src[(2 * kn + 1) * 4 + 2])
+
+    @_body_macro
+    def store_rows(acc, out32, H, S, bz, h, row0, mul):
+        # acc (m64nD layout, this warpgroup's 64 rows from row0) * mul -> out rows < S
+        for hh in T.unroll(2):
+            row = row0 + wg * 64 + warp * 16 + g + hh * 8
+            if row < S:
+                for dt in T.unroll(D // 8):
+                    pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * mul, acc[dt * 4 + hh * 2] * mul)
+                    out32[(((bz * H + h) * S + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
+
+    # ------------------------------------------------------------------ dK, dV
+    SQ_ACC, DV_ACC = BQ // 2, D // 2
+    KQ = BQ // 16  # k16 steps of dV / dK (over queries)
+    DK_K_OFF, DK_V_OFF = 0, NP * M_PANEL
+    DK_Q_OFF = 2 * NP * M_PANEL
+    DK_DO_OFF = DK_Q_OFF + NS * NP * Q_PANEL
+    DK_SMEM = DK_DO_OFF + NS * NP * Q_PANEL
+    TPR = NT // BQ  # threads per query row computing LSE / delta
+    assert NT % BQ == 0 and TPR <= 32
+
+    @_body_macro
+    def lse_delta(t, buf):
+        # LSE*log2e and delta = rowsum(dO * O) - dLSE of (Q, dO) tile t into lsd[buf]; +inf / 0
+        # past Sq (P = 0 there).  TPR consecutive threads per query row, shuffle-reduced.
+        hq_t = hk * G + t // n_qt
+        qrow = (i0 + t % n_qt) * BQ + tx // TPR
+        red[0] = T.float32(0)
+        if qrow < Sq:
+            for d in T.serial(D // TPR):
+                red[0] = red[0] + T.Cast("float32", do[bz, hq_t, qrow, d * TPR + tx % TPR]) * T.Cast(
+                    "float32", o[bz, hq_t, qrow, d * TPR + tx % TPR])
+        for sh in T.unroll(int(math.log2(TPR))):
+            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1 << sh, 32, 32)
+        if tx % TPR == 0:
+            if qrow < Sq:
+                lsd[buf * 2 * BQ + tx // TPR] = lse[bz, hq_t, qrow] * T.float32(LOG2E)
+                lsd[buf * 2 * BQ + BQ + tx // TPR] = red[0] - dlse[bz, hq_t, qrow]
+            else:
+                lsd[buf * 2 * BQ + tx // TPR] = T.float32(INF)
+                lsd[buf * 2 * BQ + BQ + tx // TPR] = T.float32(0)
+
+    @_body_macro
+    def load_qdo(t, slot):
+        hq_t = hk * G + t // n_qt
+        q0 = (i0 + t % n_qt) * BQ
+        load_q(smem, q, bz, hq_t, Sq, q0, DK_Q_OFF + slot * NP * Q_PANEL, tx)
+        load_q(smem, do, bz, hq_t, Sq, q0, DK_DO_OFF + slot * NP * Q_PANEL, tx)
+
+    @_body_macro
+    def dkdv_step(t, slot, buf):
+        # S^T = K Q^T and dP^T = V dO^T, then P^T, dS^T, dV += P^T dO, dK += dS^T Q
+        wg_fence()
+        for kd in T.unroll(KD):
+            ss_q(*[s[i] for i in range(SQ_ACC)],
+                 desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 desc[2] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 kd > 0, 1, 1, 0, 0)
+        for kd in T.unroll(KD):
+            ss_q(*[dp[i] for i in range(SQ_ACC)],
+                 desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 desc[3] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 kd > 0, 1, 1, 0, 0)
+        wg_commit()
+        wg_wait(0)
+        pin_all(s, SQ_ACC)
+        pin_all(dp, SQ_ACC)
+        q0 = (i0 + t % n_qt) * BQ
+        for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
+            idx = nt * 4 + hh * 2 + e2
+            col = nt * 8 + t4 * 2 + e2
+            ex2(s[idx], s[idx] * sl2 - lsd[buf * 2 * BQ + col])
+            if causal:
+                if q0 + col < m0 + wg * 64 + warp * 16 + g + hh * 8:
+                    s[idx] = T.float32(0)
+            dp[idx] = s[idx] * (dp[idx] - lsd[buf * 2 * BQ + BQ + col])
+        pack_frag(pp, s, KQ)
+        pack_frag(pd, dp, KQ)
+        wg_fence()
+        for kn in T.unroll(KQ):
+            rs_d(*[dv_acc[i] for i in range(DV_ACC)], pp[kn * 4 + 0], pp[kn * 4 + 1], pp[kn * 4 + 2], pp[kn * 4 + 3],
+                 desc[5] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
+        for kn in T.unroll(KQ):
+            rs_d(*[dk_acc[i] for i in range(DV_ACC)], pd[kn * 4 + 0], pd[kn * 4 + 1], pd[kn * 4 + 2], pd[kn * 4 + 3],
+                 desc[4] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
+        wg_commit()
+        wg_wait(0)
+        pin_all(dv_acc, DV_ACC)
+        pin_all(dk_acc, DV_ACC)
+
+    # fmt: off
+    @T.prim_func
+    def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                       lse_h: T.handle, dlse_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
+        dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
+        dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
+        dv32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dv.data)
+        for bx in T.thread_binding((Sk + BM - 1) // BM, thread="blockIdx.x"):
+            for hk in T.thread_binding(Hkv, thread="blockIdx.y"):
+                for bz in T.thread_binding(B, thread="blockIdx.z"):
+                    smem = T.alloc_buffer((DK_SMEM,), dtype, scope="shared.dyn", align=1024)
+                    lsd = T.alloc_buffer((4 * BQ,), "float32", scope="shared")
+                    for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                        s = T.alloc_buffer((SQ_ACC,), "float32", scope="local")
+                        dp = T.alloc_buffer((SQ_ACC,), "float32", scope="local")
+                        pp = T.alloc_buffer((KQ * 4,), "uint32", scope="local")
+                        pd = T.alloc_buffer((KQ * 4,), "uint32", scope="local")
+                        dv_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
+                        dk_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
+                        desc = T.alloc_buffer((6,), "uint64", scope="local")
+                        red = T.alloc_buffer((1,), "float32", scope="local")
+                        pk = T.alloc_buffer((1,), "uint32", scope="local")
+                        G = Hq // Hkv
+                        m0 = bx * BM
+                        # query tiles that see a key of this tile (causal: from the diagonal on)
+                        i0 = T.if_then_else(causal, T.min(m0, Sq) // BQ, 0)
+                        n_qt = (Sq + BQ - 1) // BQ - i0
+                        n_t = G * n_qt
+                        wg = tx // 128
+                        warp = (tx % 128) // 32
+                        lane = tx % 32
+                        g = lane // 4
+                        t4 = lane % 4
+                        sl2 = scale * T.float32(LOG2E)
+                        for i in T.serial(DV_ACC):
+                            dv_acc[i] = T.float32(0)
+                            dk_acc[i] = T.float32(0)
+                        # descriptors: K, V (this warpgroup's 64 keys), Q, dO slot 0 K-major, then MN-major
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[DK_K_OFF + wg * 64 * 64]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[DK_V_OFF + wg * 64 * 64]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[DK_Q_OFF]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[3]), T.address_of(smem[DK_DO_OFF]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DK_Q_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[5]), T.address_of(smem[DK_DO_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
+                        load_m(smem, k, bz, hk, Sk, m0, DK_K_OFF, tx)
+                        load_m(smem, v, bz, hk, Sk, m0, DK_V_OFF, tx)
+                        for st in T.unroll(NS - 1):
+                            if st < n_t:
+                                load_qdo(st, st)
+                            commit()
+                        if n_t > 0:
+                            lse_delta(0, 0)
+                        for t in T.serial(n_t):
+                            wait_group(NS - 2)  # tile t (and K, V) landed: own copies
+                            fence_proxy()
+                            T.tvm_storage_sync("shared")  # everyone's; everyone past step t-1
+                            if t + NS - 1 < n_t:
+                                load_qdo(t + NS - 1, (t + NS - 1) % NS)
+                            commit()
+                            if t + 1 < n_t:
+                                lse_delta(t + 1, (t + 1) % 2)
+                            dkdv_step(t, t % NS, t % 2)
+                        store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
+                        store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
+
+    # ------------------------------------------------------------------ dQ
+    SN_ACC = BN // 2
+    KN = BN // 16
+    DQ_Q_OFF, DQ_DO_OFF = 0, NP * M_PANEL
+    DQ_K_OFF = 2 * NP * M_PANEL
+    DQ_V_OFF = DQ_K_OFF + NS * NP * N_PANEL
+    DQ_SMEM = DQ_V_OFF + NS * NP * N_PANEL
+
+    @_body_macro
+    def dq_step(j, slot):
+        # S = Q K^T and dP = dO V^T, then P, dS, dQ += dS K
+        wg_fence()
+        for kd in T.unroll(KD):
+            ss_n(*[s[i] for i in range(SN_ACC)],
+                 desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 desc[2] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 kd > 0, 1, 1, 0, 0)
+        for kd in T.unroll(KD):
+            ss_n(*[dp[i] for i in range(SN_ACC)],
+                 desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 desc[3] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
+                 kd > 0, 1, 1, 0, 0)
+        wg_commit()
+        wg_wait(0)
+        pin_all(s, SN_ACC)
+        pin_all(dp, SN_ACC)
+        n0 = j * BN
+        for nt, hh, e2 in T.grid(BN // 8, 2, 2):
+            idx = nt * 4 + hh * 2 + e2
+            col = n0 + nt * 8 + t4 * 2 + e2
+            ex2(s[idx], s[idx] * sl2 - rl[hh])
+            if (col >= Sk) or (causal and col > m0 + wg * 64 + warp * 16 + g + hh * 8):
+                s[idx] = T.float32(0)
+            dp[idx] = s[idx] * (dp[idx] - rd[hh])
+        pack_frag(pd, dp, KN)
+        wg_fence()
+        for kn in T.unroll(KN):
+            rs_d(*[dq_acc[i] for i in range(DV_ACC)], pd[kn * 4 + 0], pd[kn * 4 + 1], pd[kn * 4 + 2], pd[kn * 4 + 3],
+                 desc[4] + T.uint64((slot * NP * N_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
+        wg_commit()
+        wg_wait(0)
+        pin_all(dq_acc, DV_ACC)
+
+    @T.prim_func
+    def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                     lse_h: T.handle, dlse_h: T.handle, dq_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dq", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
+        dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
+        for bx in T.thread_binding((Sq + BM - 1) // BM, thread="blockIdx.x"):
+            for hq in T.thread_binding(Hq, thread="blockIdx.y"):
+                for bz in T.thread_binding(B, thread="blockIdx.z"):
+                    smem = T.alloc_buffer((DQ_SMEM,), dtype, scope="shared.dyn", align=1024)
+                    for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                        s = T.alloc_buffer((SN_ACC,), "float32", scope="local")
+                        dp = T.alloc_buffer((SN_ACC,), "float32", scope="local")
+                        pd = T.alloc_buffer((KN * 4,), "uint32", scope="local")
+                        dq_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
+                        desc = T.alloc_buffer((5,), "uint64", scope="local")
+                        rl = T.alloc_buffer((2,), "float32", scope="local")
+                        rd = T.alloc_buffer((2,), "float32", scope="local")
+                        red = T.alloc_buffer((1,), "float32", scope="local")
+                        pk = T.alloc_buffer((1,), "uint32", scope="local")
+                        # causal: the heaviest query tiles first, as the forward
+                        m0 = T.if_then_else(causal, (Sq + BM - 1) // BM - 1 - bx, bx) * BM
+                        hk = hq // (Hq // Hkv)
+                        kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
+                        n_blk = (kv_len + BN - 1) // BN
+                        wg = tx // 128
+                        warp = (tx % 128) // 32
+                        lane = tx % 32
+                        g = lane // 4
+                        t4 = lane % 4
+                        sl2 = scale * T.float32(LOG2E)
+                        for i in T.serial(DV_ACC):
+                            dq_acc[i] = T.float32(0)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[0]), T.address_of(smem[DQ_Q_OFF + wg * 64 * 64]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[DQ_DO_OFF + wg * 64 * 64]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[DQ_K_OFF]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[3]), T.address_of(smem[DQ_V_OFF]), 1, SBO, 3)
+                        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DQ_K_OFF]), (N_PANEL * 2) >> 4, SBO, 3)
+                        load_m(smem, q, bz, hq, Sq, m0, DQ_Q_OFF, tx)
+                        load_m(smem, do, bz, hq, Sq, m0, DQ_DO_OFF, tx)
+                        for st in T.unroll(NS - 1):
+                            if st < n_blk:
+                                load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
+                                load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
+                            commit()
+                        # this thread's two rows: LSE*log2e and delta = rowsum(dO * O) - dLSE (quad-reduced)
+                        for hh in T.unroll(2):
+                            row = m0 + wg * 64 + warp * 16 + g + hh * 8
+                            red[0] = T.float32(0)
+                            if row < Sq:
+                                for d in T.serial(D // 4):
+                                    red[0] = red[0] + T.Cast("float32", do[bz, hq, row, d * 4 + t4]) * T.Cast(
+                                        "float32", o[bz, hq, row, d * 4 + t4])
+                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
+                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
+                            rl[hh] = T.if_then_else(row < Sq, lse[bz, hq, T.min(row, Sq - 1)] * T.float32(LOG2E), T.float32(INF))
+                            rd[hh] = T.if_then_else(row < Sq, red[0] - dlse[bz, hq, T.min(row, Sq - 1)], T.float32(0))
+                        for j in T.serial(n_blk):
+                            wait_group(NS - 2)
+                            fence_proxy()
+                            T.tvm_storage_sync("shared")
+                            if j + NS - 1 < n_blk:
+                                load_n(smem, k, bz, hk, Sk, (j + NS - 1) * BN, DQ_K_OFF + ((j + NS - 1) % NS) * NP * N_PANEL, tx)
+                                load_n(smem, v, bz, hk, Sk, (j + NS - 1) * BN, DQ_V_OFF + ((j + NS - 1) % NS) * NP * N_PANEL, tx)
+                            commit()
+                            dq_step(j, j % NS)
+                        store_rows(dq_acc, dq32, Hq, Sq, bz, hq, m0, scale)
+    # fmt: on
+    return flash_bwd_dkdv, flash_bwd_dq
+
+
+def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
+    """{"flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward."""
+    k = {**default_knobs_backward(head_dim), **knobs}
+    dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
+    return {"flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}
