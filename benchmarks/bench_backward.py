@@ -6,9 +6,14 @@ forward's 4*B*H*Sq*Sk*D (halved when causal).  Before timing, each implementatio
 are checked against SDPA's math backend in float64 on the same inputs.
 
     python3 benchmarks/bench_backward.py [--shapes 4,16,1024,64;4,16,1024,128] [--dtype bf16] [--causal 0,1]
+
+``--knobs '[{...}, ...]'`` instead times the two kernels of the Hopper wgmma backward
+(``schedules/cuda_wgmma_bwd.py``) directly at each knob set (merged over its defaults), each
+checked against the same float64 gradients.
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -37,6 +42,7 @@ def main():
     ap.add_argument("--shapes", default="4,16,1024,64;4,16,1024,128", help="B,H,S,D;...")
     ap.add_argument("--dtype", choices=sorted(DT), default="bf16")
     ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--knobs", default=None, help="JSON list of wgmma backward knob sets")
     a = ap.parse_args()
     dt = DT[a.dtype]
     print(torch.cuda.get_device_name(), a.dtype)
@@ -52,6 +58,11 @@ def main():
             _, ref = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)),
                            *(t.double() for t in (q, k, v, dout)))
             flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+            if a.knobs:
+                for kn in json.loads(a.knobs):
+                    print(f"B{b} H{h} S{s} D{d} causal={causal} {kn}: {_knob_run(kn, q, k, v, dout, causal, ref, flops)}",
+                          flush=True)
+                continue
             line = f"B{b} H{h} S{s} D{d} causal={causal}:"
             for name, fn in impls.items():
                 _, g = grads(fn, q, k, v, dout)
@@ -62,6 +73,39 @@ def main():
                               return_mode="median")
                 line += f"  {name} {flops / ms / 1e9:7.1f} TFLOP/s ({ms:.2f} ms, grad err {err:.1e})"
             print(line, flush=True)
+
+
+def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
+    """Build the wgmma backward at ``knobs``, check its gradients, time dK/dV + dQ."""
+    import tvm
+    from triton.testing import do_bench
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.ops import _forward
+
+    d = q.shape[-1]
+    dtype = str(q.dtype).removeprefix("torch.")
+    try:
+        funcs = cuda_wgmma_bwd.schedule_backward(d, dtype, bool(causal), **knobs)
+    except ValueError as err:
+        return f"rejected ({err})"
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a", "max_shared_memory_per_block": 232448})
+    mod = tvm.compile(tvm.IRModule(funcs), target=target)
+    dkdv, dq_fn = mod["flash_bwd_dkdv"], mod["flash_bwd_dq"]
+    scale = 1 / math.sqrt(d)
+    out, lse = _forward(q, k, v, bool(causal), scale)
+    dlse = torch.zeros_like(lse)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+
+    def run():
+        dkdv(q, k, v, out, dout, lse, dlse, dk, dv, scale)
+        dq_fn(q, k, v, out, dout, lse, dlse, dq, scale)
+
+    run()
+    torch.cuda.synchronize()
+    err = max((x.double() - r).abs().max().item() for x, r in zip((dq, dk, dv), ref))
+    ms = do_bench(run, warmup=5, rep=50, return_mode="median")
+    return f"{flops / ms / 1e9:7.1f} TFLOP/s ({ms:.3f} ms, grad err {err:.1e})"
 
 
 def _sdpa(q, k, v, causal, backend):

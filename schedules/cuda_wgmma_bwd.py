@@ -52,7 +52,7 @@ def supports(head_dim: int, dtype: str) -> bool:
 def default_knobs_backward(head_dim: int) -> dict:
     """dK/dV: 2 warpgroups (128 keys), 64 queries per step at hd64, 32 at hd128 (registers:
     dK + dV accumulators take head_dim per thread); dQ: 2 warpgroups (128 rows), 64 keys."""
-    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 2}
+    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 2, "overlap": 1}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -100,8 +100,10 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
 
 
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
-                         block_n: int = 64, num_stages: int = 2):
-    """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring)."""
+                         block_n: int = 64, num_stages: int = 2, overlap: bool = True):
+    """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
+    wgmma group only when its result is needed, so the softmax-side work of a step runs beside
+    the step's next GEMM (else every group is waited for at once: the first GPU-checked order)."""
     _check(head_dim, dtype, num_wg, block_q, block_n, num_stages)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     NT = 128 * NWG
@@ -194,22 +196,24 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 
     @_body_macro
     def dkdv_step(t, slot, buf):
-        # S^T = K Q^T and dP^T = V dO^T, then P^T, dS^T, dV += P^T dO, dK += dS^T Q
+        # S^T = K Q^T and dP^T = V dO^T, then P^T, dS^T, dV += P^T dO, dK += dS^T Q.  With
+        # `overlap`, P^T is computed while dP^T is on the tensor cores and dS^T while dV is
+        # (each wgmma group waited for only when its result is needed)
         wg_fence()
         for kd in T.unroll(KD):
             ss_q(*[s[i] for i in range(SQ_ACC)],
                  desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
                  desc[2] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
                  kd > 0, 1, 1, 0, 0)
+        wg_commit()
         for kd in T.unroll(KD):
             ss_q(*[dp[i] for i in range(SQ_ACC)],
                  desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
                  desc[3] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
                  kd > 0, 1, 1, 0, 0)
         wg_commit()
-        wg_wait(0)
+        wg_wait(1 if overlap else 0)  # S^T complete
         pin_all(s, SQ_ACC)
-        pin_all(dp, SQ_ACC)
         q0 = (i0 + t % n_qt) * BQ
         for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
             idx = nt * 4 + hh * 2 + e2
@@ -218,13 +222,19 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             if causal:
                 if q0 + col < m0 + wg * 64 + warp * 16 + g + hh * 8:
                     s[idx] = T.float32(0)
-            dp[idx] = s[idx] * (dp[idx] - lsd[buf * 2 * BQ + BQ + col])
         pack_frag(pp, s, KQ)
-        pack_frag(pd, dp, KQ)
         wg_fence()
         for kn in T.unroll(KQ):
             rs_d(*[dv_acc[i] for i in range(DV_ACC)], pp[kn * 4 + 0], pp[kn * 4 + 1], pp[kn * 4 + 2], pp[kn * 4 + 3],
                  desc[5] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
+        wg_commit()
+        wg_wait(1 if overlap else 0)  # dP^T complete (dV may still run)
+        pin_all(dp, SQ_ACC)
+        for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
+            idx = nt * 4 + hh * 2 + e2
+            dp[idx] = s[idx] * (dp[idx] - lsd[buf * 2 * BQ + BQ + nt * 8 + t4 * 2 + e2])
+        pack_frag(pd, dp, KQ)
+        wg_fence()
         for kn in T.unroll(KQ):
             rs_d(*[dk_acc[i] for i in range(DV_ACC)], pd[kn * 4 + 0], pd[kn * 4 + 1], pd[kn * 4 + 2], pd[kn * 4 + 3],
                  desc[4] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
@@ -322,22 +332,23 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 
     @_body_macro
     def dq_step(j, slot):
-        # S = Q K^T and dP = dO V^T, then P, dS, dQ += dS K
+        # S = Q K^T and dP = dO V^T, then P (with `overlap`: while dP is on the tensor cores),
+        # dS, dQ += dS K
         wg_fence()
         for kd in T.unroll(KD):
             ss_n(*[s[i] for i in range(SN_ACC)],
                  desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
                  desc[2] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
                  kd > 0, 1, 1, 0, 0)
+        wg_commit()
         for kd in T.unroll(KD):
             ss_n(*[dp[i] for i in range(SN_ACC)],
                  desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
                  desc[3] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
                  kd > 0, 1, 1, 0, 0)
         wg_commit()
-        wg_wait(0)
+        wg_wait(1 if overlap else 0)  # S complete
         pin_all(s, SN_ACC)
-        pin_all(dp, SN_ACC)
         n0 = j * BN
         for nt, hh, e2 in T.grid(BN // 8, 2, 2):
             idx = nt * 4 + hh * 2 + e2
@@ -345,7 +356,10 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             ex2(s[idx], s[idx] * sl2 - rl[hh])
             if (col >= Sk) or (causal and col > m0 + wg * 64 + warp * 16 + g + hh * 8):
                 s[idx] = T.float32(0)
-            dp[idx] = s[idx] * (dp[idx] - rd[hh])
+        wg_wait(0)  # dP complete
+        pin_all(dp, SN_ACC)
+        for nt, hh, e2 in T.grid(BN // 8, 2, 2):
+            dp[nt * 4 + hh * 2 + e2] = s[nt * 4 + hh * 2 + e2] * (dp[nt * 4 + hh * 2 + e2] - rd[hh])
         pack_frag(pd, dp, KN)
         wg_fence()
         for kn in T.unroll(KN):
@@ -441,5 +455,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     """{"flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward."""
     k = {**default_knobs_backward(head_dim), **knobs}
+    k["overlap"] = bool(k["overlap"])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}
