@@ -319,6 +319,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                             if t + 1 < n_t:
                                 lse_delta(t + 1, (t + 1) % 2)
                             dkdv_step(t, t % NS, t % 2)
+                        wait_group(0)  # no copy in flight at exit (K, V are never waited for when n_t == 0)
                         store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
 
@@ -447,6 +448,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                                 load_n(smem, v, bz, hk, Sk, (j + NS - 1) * BN, DQ_V_OFF + ((j + NS - 1) % NS) * NP * N_PANEL, tx)
                             commit()
                             dq_step(j, j % NS)
+                        wait_group(0)
                         store_rows(dq_acc, dq32, Hq, Sq, bz, hq, m0, scale)
     # fmt: on
     return flash_bwd_dkdv, flash_bwd_dq
