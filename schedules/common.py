@@ -1,4 +1,34 @@
-"""Schedule helpers shared by the target schedules: the phase blocks of the compute."""
+"""Schedule helpers shared by the target schedules: the phase blocks of the generic compute
+(``cpu``, ``cuda_simt``), and the pieces the hand-written CUDA kernels share (shared-memory
+limit, PTX type names, the register pin after ``wgmma.wait_group``, closure-aware TVMScript
+macros).  Part of every kernel's cache key (``tvm_flash.build._source_hash``)."""
+
+import inspect
+
+from tvm.script import tirx as T
+from tvm.script.parser.core.utils import inspect_function_capture
+
+MAX_SMEM = 232448  # bytes of (dynamic) shared memory one block may use on sm_90
+PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}  # dtype -> PTX type name of mma/wgmma/cvt
+
+# An empty volatile asm that reads and writes one register (by reference), issued after
+# wgmma.wait_group: later reads of the register depend on it, so the C++ compiler cannot hoist
+# them above the wait (it does not see wgmma's asynchronous register writes).
+PIN_SRC = """
+__forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+"""
+
+
+def body_macro(fn):
+    """``T.macro(hygienic=False)`` (the body sees the kernel's local names at the use site)
+    that also sees its own closure: TVM's non-hygienic macros drop it, so the captured names
+    are bound as keyword-only parameters with defaults (TVM binds a macro's defaults)."""
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+             for name, value in inspect_function_capture(fn).items() if name not in sig.parameters]
+    fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    return T.macro(hygienic=False)(fn)
+
 
 # Phase blocks of tvm_flash.compute.flash_forward.  "Row" phases have one loop
 # (tx) above the block; the others have (tx, i): worker and element.

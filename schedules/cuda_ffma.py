@@ -34,11 +34,12 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from tvm_flash.compute import LN2, LOG2E
+
+from .common import MAX_SMEM
+
 __all__ = ["supports", "default_knobs", "check_knobs", "schedule", "forward_ffma", "smem_bytes"]
 
-MAX_SMEM = 232448  # bytes of shared memory one block may use on sm_90
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 # What MetaSchedule may choose from (tvm_flash.tune); check_knobs rejects invalid combinations.
 KNOB_SPACE = {"num_warps": [4, 8], "rows": [2, 4, 8], "keys": [2, 4], "num_stages": [1, 2]}
@@ -102,7 +103,6 @@ def forward_ffma(head_dim: int, causal: bool, *, num_warps: int = 8, rows: int =
     SMEM = P_OFF + BM * PN
     Q_CP = BM * CH  # 16-byte copies of the Q tile
     KV_CP = BN * CH  # ... of one K (or V) tile
-    LOG2E, LN2 = _LOG2E, _LN2
     NEG_INF = -math.inf
     FULL = 0xFFFFFFFF
     cp_async = T.ptx["cp.async.cg.shared.global"]

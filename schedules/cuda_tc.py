@@ -37,17 +37,16 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from tvm_flash.compute import LN2, LOG2E
+
+from .common import MAX_SMEM, PTX_TYPE
+
 __all__ = ["supports", "default_knobs", "schedule", "forward_tc", "smem_bytes"]
 
-MAX_SMEM = 232448  # bytes of shared memory one block may use on sm_90
-
-_PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _check(head_dim, dtype, block_m, block_n, num_warps, num_stages):
-    if dtype not in _PTX_TYPE:
+    if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 16 != 0 or not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be a multiple of 16 in [16, 256], got {head_dim}")
@@ -139,7 +138,7 @@ def forward_tc(
         q_in_regs = MT * KD * 4 <= 32  # keep Q fragments resident when they are cheap
     QR = MT * KD * 4 if q_in_regs else MT * 4
 
-    ab = _PTX_TYPE[dtype]
+    ab = PTX_TYPE[dtype]
     mma = T.ptx[f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"]
     ldsm_x4 = T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"]
     ldsm_x4_t = T.ptx["ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"]
@@ -149,7 +148,6 @@ def forward_tc(
     wait_group = T.ptx["cp.async.wait_group"]
     ex2 = T.ptx["ex2.approx.ftz.f32"]
     pack2 = T.ptx[f"cvt.rn.{ab}x2.f32"]
-    LOG2E, LN2 = _LOG2E, _LN2
     NEG_INF = -math.inf
     FULL = 0xFFFFFFFF
 
@@ -415,7 +413,7 @@ KNOB_SPACE = {
 
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with a head dim that is a multiple of 16 in [32, 256]."""
-    return dtype in _PTX_TYPE and head_dim % 16 == 0 and 32 <= head_dim <= 256
+    return dtype in PTX_TYPE and head_dim % 16 == 0 and 32 <= head_dim <= 256
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:

@@ -44,25 +44,16 @@ Entry points as every schedule module: ``supports``, ``default_knobs``, ``schedu
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import tvm
 from tvm.script import tirx as T
-from tvm.script.parser.core.utils import inspect_function_capture
+
+from tvm_flash.compute import LN2, LOG2E
+
+from .common import MAX_SMEM, PIN_SRC, PTX_TYPE, body_macro
 
 __all__ = ["supports", "default_knobs", "schedule", "forward_wgmma", "smem_bytes"]
-
-MAX_SMEM = 232448
-_PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-# An empty volatile asm that reads and writes one register (by reference), issued after
-# wgmma.wait_group: later reads of the register depend on it, so the C++ compiler cannot hoist
-# them above the wait (it does not see wgmma's asynchronous register writes).
-_PIN_SRC = """
-__forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
-"""
 
 # mbarriers (warp-specialized variant): init, wait for a phase parity, arrive, arrive once this
 # thread's cp.async copies have landed.  name -> (extra C parameter, PTX, asm operands); the
@@ -115,17 +106,6 @@ def ws_registers(num_wg):
     return launch, loader, consumer
 
 
-def _body_macro(fn):
-    """``T.macro(hygienic=False)`` (the body sees the kernel's local names at the use site)
-    that also sees its own closure: TVM's non-hygienic macros drop it, so the captured names
-    are bound as keyword-only parameters with defaults (TVM binds a macro's defaults)."""
-    sig = inspect.signature(fn)
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
-             for name, value in inspect_function_capture(fn).items() if name not in sig.parameters]
-    fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-    return T.macro(hygienic=False)(fn)
-
-
 def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False):
     """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack;
     + 2 mbarriers per ring slot when warp specialized)."""
@@ -138,7 +118,7 @@ def _acc_regs(head_dim, block_n):
 
 
 def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False):
-    if dtype not in _PTX_TYPE:
+    if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
         raise ValueError(f"head_dim must be 64, 128, 192 or 256 for the wgmma kernel, got {head_dim}")
@@ -239,7 +219,7 @@ def forward_wgmma(
     K_SBO = 1024 >> 4
     V_LBO, V_SBO = (KV_PANEL * 2) >> 4, 1024 >> 4  # checked on the GPU: the swapped order is wrong
 
-    ab = _PTX_TYPE[dtype]
+    ab = PTX_TYPE[dtype]
     wg_ss = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{ab}.{ab}"]
     wg_rs = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{ab}.{ab}"]
     wg_fence = T.ptx["wgmma.fence.sync.aligned"]
@@ -251,7 +231,6 @@ def forward_wgmma(
     wait_group = T.ptx["cp.async.wait_group"]
     ex2 = T.ptx["ex2.approx.ftz.f32"]
     pack2 = T.ptx[f"cvt.rn.{ab}x2.f32"]
-    LOG2E, LN2 = _LOG2E, _LN2
     NEG_INF = -math.inf
     FULL = 0xFFFFFFFF
 
@@ -269,7 +248,7 @@ def forward_wgmma(
                 cp_async(T.address_of(smem[K_OFF + so]), T.address_of(k[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
                 cp_async(T.address_of(smem[V_OFF + so]), T.address_of(v[bz, hk, T.min(kr, Sk - 1), c8 * 8]), 16, ok)
 
-    @_body_macro
+    @body_macro
     def load_q(lt):
         # Q tile -> shared (zero-filled past Sq); lt: this thread's index among the LT loaders
         for it in T.unroll(Q_IT):
@@ -280,7 +259,7 @@ def forward_wgmma(
                      T.address_of(q[bz, hq, T.min(m0 + r, Sq - 1), c8 * 8]), 16,
                      T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
 
-    @_body_macro
+    @body_macro
     def producer():
         # the loader warpgroup (ws): Q, then K/V tile t into ring slot t % NS once the consumers
         # have released the tile that held it (empty barrier), then an arrive on the slot's full
@@ -296,27 +275,27 @@ def forward_wgmma(
         commit()  # the loader's copies were never committed to a group: commit, then wait for
         wait_group(0)  # them all before its threads exit (cp.async.wait_all)
 
-    @_body_macro
+    @body_macro
     def wait_full(jt):
         # ws: tile jt landed (all loader threads' copies), then visible to the async proxy
         _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
         fence_proxy()
 
-    @_body_macro
+    @body_macro
     def release(jt):
         # ws: this warp no longer reads tile jt (one arrival per consumer warp)
         if lane == 0:
             _mbar("mbar_arrive", T.address_of(smem[BAR_OFF + 4 * (NS + jt % NS)]))
 
     # The loop body's pieces (hygienic=False: they use the kernel's local names).
-    @_body_macro
+    @body_macro
     def pin_all(buf, n):
         # pin registers after wgmma.wait_group (the C++ compiler must not move their reads
         # above it: it cannot see the asynchronous writes)
         for i in T.unroll(n):
-            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=_PIN_SRC)
+            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
 
-    @_body_macro
+    @body_macro
     def issue_s(sb, slot):
         # S = Q K^T of the tile in ring slot `slot`, both from shared memory; committed, not waited
         wg_fence()
@@ -327,7 +306,7 @@ def forward_wgmma(
                   kd > 0, 1, 1, 0, 0)
         wg_commit()
 
-    @_body_macro
+    @body_macro
     def mask_tile(sb, jt):
         # -inf past Sk and (causal) above the diagonal: key-tail / diagonal tiles only
         n0 = jt * BN
@@ -338,7 +317,7 @@ def forward_wgmma(
                 if (col >= Sk) or (causal and col > row):
                     sb[nt * 4 + hh * 2 + e2] = T.float32(NEG_INF)
 
-    @_body_macro
+    @body_macro
     def row_softmax(sb, hh, ab, ai):
         # online softmax of row half hh (8 rows apart per quad): new max (quad shuffles), O's
         # rescale factor into ab[ai], P = exp2(S * scale*log2e - max) in place, l updated
@@ -360,7 +339,7 @@ def forward_wgmma(
         for nt, e2 in T.grid(BN // 8, 2):
             l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
 
-    @_body_macro
+    @body_macro
     def pack_p(sb):
         # P to fp16/bf16 pairs: the register-A fragment of wgmma, k16 step kn in pf[4kn:4kn+4]
         for kn in T.unroll(KN):
@@ -369,7 +348,7 @@ def forward_wgmma(
             pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
             pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
 
-    @_body_macro
+    @body_macro
     def issue_pv(slot):
         # O += P V with P from registers and V (MN-major) from ring slot `slot`; committed, not waited
         wg_fence()
@@ -381,7 +360,7 @@ def forward_wgmma(
                       True, 1, 1, 1)
         wg_commit()
 
-    @_body_macro
+    @body_macro
     def softmax_pv(sb, jt, slot):
         # plain order: masking, online softmax with O *= alpha row by row, then P V issued
         mask_tile(sb, jt)
@@ -392,7 +371,7 @@ def forward_wgmma(
         pack_p(sb)
         issue_pv(slot)
 
-    @_body_macro
+    @body_macro
     def refill_softmax_pv(sb, jt, slot):
         # after the wait that completed S_jt and P V_{jt-1}: pin their registers; once every
         # warpgroup is past that wait, tile jt-1's ring slot is free: refill it; then softmax + P V
@@ -407,34 +386,34 @@ def forward_wgmma(
 
     # FA3's intra-warpgroup order (overlap=1): the softmax of tile j+1 (softmax_rows) runs on the
     # CUDA cores while P V_j (rescale_issue_pv, issued just before) runs on the tensor cores
-    @_body_macro
+    @body_macro
     def softmax_rows(sb, jt):
         # masking and online softmax of S_jt; each row half's rescale factor of O left in al2
         mask_tile(sb, jt)
         for hh in T.unroll(2):
             row_softmax(sb, hh, al2, hh)
 
-    @_body_macro
+    @body_macro
     def rescale_issue_pv(slot):
         # O *= alpha (rows' max moved), then O += P V of the tile in ring slot `slot`; committed
         for dt, hh, e2 in T.grid(D // 8, 2, 2):
             acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * al2[hh]
         issue_pv(slot)
 
-    @_body_macro
+    @body_macro
     def turn_wait():
         # pingpong: wait for this warpgroup's turn to issue wgmmas
         if pingpong:
             _named_bar("sync", 1 + wg, 256)
 
-    @_body_macro
+    @body_macro
     def turn_pass(last):
         # pingpong: the next warpgroup's turn (the last warpgroup's final pass is skipped: it
         # passed once before its loop)
         if pingpong and not (last and wg == NWG - 1):
             _named_bar("arrive", 1 + (wg + 1) % NWG, 256)
 
-    @_body_macro
+    @body_macro
     def consumer():
         # accumulators, descriptors, the key loop and the epilogue of one consumer warpgroup
         for i in T.serial(OACC):
@@ -536,7 +515,7 @@ def forward_wgmma(
 
         wg_wait(0)
         for i in T.unroll(OACC):
-            T.cuda.func_call("tvm_flash_pin", acc[i], source_code=_PIN_SRC)
+            T.cuda.func_call("tvm_flash_pin", acc[i], source_code=PIN_SRC)
         # ---- epilogue: O / l and LSE ----
         for hh in T.unroll(2):
             red[0] = l_i[hh]
@@ -634,7 +613,7 @@ KNOB_SPACE = {
 
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with a head dim of 64, 128, 192 or 256 (128-byte-swizzled 64-column panels)."""
-    return dtype in _PTX_TYPE and head_dim % 64 == 0 and 64 <= head_dim <= 256
+    return dtype in PTX_TYPE and head_dim % 64 == 0 and 64 <= head_dim <= 256
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:

@@ -37,7 +37,9 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from .cuda_wgmma import _LOG2E, _PIN_SRC, _PTX_TYPE, MAX_SMEM, _body_macro
+from tvm_flash.compute import LOG2E
+
+from .common import MAX_SMEM, PIN_SRC, PTX_TYPE, body_macro
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
 
@@ -46,7 +48,7 @@ FULL = 0xFFFFFFFF
 
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with head dim 64 or 128 (dK + dV accumulators of a 256-wide head would not fit)."""
-    return dtype in _PTX_TYPE and head_dim in (64, 128)
+    return dtype in PTX_TYPE and head_dim in (64, 128)
 
 
 def default_knobs_backward(head_dim: int) -> dict:
@@ -86,8 +88,9 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
         raise ValueError(f"the wgmma backward needs fp16/bf16 and head dim 64 or 128, got {dtype} d={head_dim}")
     if num_wg not in (1, 2) or num_stages < 2:
         raise ValueError("num_wg must be 1 or 2 and num_stages >= 2")
-    if block_q % 16 or not 16 <= block_q <= 64 or block_n % 16 or not 16 <= block_n <= 128:
-        raise ValueError("block_q must be a multiple of 16 in [16, 64], block_n a multiple of 16 in [16, 128]")
+    if block_q not in (16, 32, 64) or block_n % 16 or not 16 <= block_n <= 128:
+        # block_q: 128 * num_wg threads compute LSE/delta, an equal power-of-two share per query row
+        raise ValueError("block_q must be 16, 32 or 64, block_n a multiple of 16 in [16, 128]")
     # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
     # (head_dim/2); about 40 more for addresses and softmax state, within 255
@@ -114,7 +117,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     Q_PANEL = BQ * 64  # dK/dV kernel: streamed (Q, dO) tiles
     N_PANEL = BN * 64  # dQ kernel: streamed (K, V) tiles
     SBO = 1024 >> 4
-    ab = _PTX_TYPE[dtype]
+    ab = PTX_TYPE[dtype]
     ss_q = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BQ}k16.f32.{ab}.{ab}"]
     ss_n = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{ab}.{ab}"]
     rs_d = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{ab}.{ab}"]
@@ -127,17 +130,16 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     wait_group = T.ptx["cp.async.wait_group"]
     ex2 = T.ptx["ex2.approx.ftz.f32"]
     pack2 = T.ptx[f"cvt.rn.{ab}x2.f32"]
-    LOG2E = _LOG2E
     INF = math.inf
     tiles = _tile_macros(D, NT, cp_async)
     load_m, load_q, load_n = tiles(BM), tiles(BQ), tiles(BN)
 
-    @_body_macro
+    @body_macro
     def pin_all(buf, n):
         for i in T.unroll(n):
-            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=_PIN_SRC)
+            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
 
-    @_body_macro
+    @body_macro
     def pack_frag(dst, src, kn_count):
         # fp32 accumulator (m64nN layout) -> fp16/bf16 pairs: the register-A fragment of wgmma
         for kn in T.unroll(kn_count):
@@ -146,7 +148,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             pack2(dst[kn * 4 + 2], src[(2 * kn + 1) * 4 + 1], src[(2 * kn + 1) * 4 + 0])
             pack2(dst[kn * 4 + 3], src[(2 * kn + 1) * 4 + 3], src[(2 * kn + 1) * 4 + 2])
 
-    @_body_macro
+    @body_macro
     def store_rows(acc, out32, H, S, bz, h, row0, mul):
         # acc (m64nD layout, this warpgroup's 64 rows from row0) * mul -> out rows < S
         for hh in T.unroll(2):
@@ -166,7 +168,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     TPR = NT // BQ  # threads per query row computing LSE / delta
     assert NT % BQ == 0 and TPR <= 32
 
-    @_body_macro
+    @body_macro
     def lse_delta(t, buf):
         # LSE*log2e and delta = rowsum(dO * O) - dLSE of (Q, dO) tile t into lsd[buf]; +inf / 0
         # past Sq (P = 0 there).  TPR consecutive threads per query row, shuffle-reduced.
@@ -187,14 +189,14 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                 lsd[buf * 2 * BQ + tx // TPR] = T.float32(INF)
                 lsd[buf * 2 * BQ + BQ + tx // TPR] = T.float32(0)
 
-    @_body_macro
+    @body_macro
     def load_qdo(t, slot):
         hq_t = hk * G + t // n_qt
         q0 = (i0 + t % n_qt) * BQ
         load_q(smem, q, bz, hq_t, Sq, q0, DK_Q_OFF + slot * NP * Q_PANEL, tx)
         load_q(smem, do, bz, hq_t, Sq, q0, DK_DO_OFF + slot * NP * Q_PANEL, tx)
 
-    @_body_macro
+    @body_macro
     def dkdv_step(t, slot, buf):
         # S^T = K Q^T and dP^T = V dO^T, then P^T, dS^T, dV += P^T dO, dK += dS^T Q.  With
         # `overlap`, P^T is computed while dP^T is on the tensor cores and dS^T while dV is
@@ -331,7 +333,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DQ_V_OFF = DQ_K_OFF + NS * NP * N_PANEL
     DQ_SMEM = DQ_V_OFF + NS * NP * N_PANEL
 
-    @_body_macro
+    @body_macro
     def dq_step(j, slot):
         # S = Q K^T and dP = dO V^T, then P (with `overlap`: while dP is on the tensor cores),
         # dS, dQ += dS K

@@ -84,6 +84,17 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert len(frames) == 2 and all(f == ("0", "0") for f in frames), res.stderr
 
 
+def test_wgmma_backward_knob_rules():
+    """Tile shapes the backward cannot serve are refused before a build: a block_q whose rows do
+    not split the threads evenly (LSE/delta would be summed wrongly), registers past 255."""
+    from schedules import cuda_wgmma_bwd
+
+    for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"block_q": 64, "block_n": 64}):
+        with pytest.raises(ValueError):
+            cuda_wgmma_bwd.flash_backward_wgmma(128, "bfloat16", False, **bad)
+    cuda_wgmma_bwd.flash_backward_wgmma(64, "float16", True, block_q=64)
+
+
 @pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (64, "float16", True), (128, "bfloat16", True),
                                             (128, "float16", False), (192, "bfloat16", False), (256, "float16", True)])
 def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):

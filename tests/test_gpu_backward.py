@@ -28,6 +28,7 @@ CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal, with a gradient into the LSE
     (torch.bfloat16, 1, 3, 1, 300, 77, 128, True, True),  # Sq > Sk: key tiles past the queries
     (torch.float16, 2, 2, 2, 77, 300, 128, True, False),
     (torch.bfloat16, 1, 2, 2, 1, 1, 128, True, False),  # one query, one key
+    (torch.bfloat16, 1, 2, 1, 64, 300, 128, True, False),  # key tiles no query sees: dK = dV = 0
     (torch.float16, 1, 4, 4, 100, 100, 96, True, False),  # ... plain FFMA (head dim 96)
 ]
 
