@@ -207,6 +207,21 @@ def _cuobjdump():
     return None
 
 
+def test_wgmma_records_without_pingpong_still_build():
+    """A tuning record from before the ping-pong knob (no "pingpong" key) keeps working: the
+    default ping-pong is dropped where the record's knobs rule it out, kept where they allow it;
+    the effective knobs (cache key, export manifest) say what was built."""
+    from tvm_flash.build import Workload, effective_knobs, make_target, scheduled_func
+
+    target = make_target("cuda", "sm_90a")
+    wl = Workload(128, "bfloat16", False)
+    old = {"num_wg": 2, "block_n": 64, "num_stages": 3, "defer_pv_wait": 0, "ws": 0, "overlap": 1}
+    assert effective_knobs(wl, target, old)["pingpong"] == 0
+    scheduled_func(wl, target, old)  # builds (pingpong with ws=0 would be refused)
+    assert effective_knobs(wl, target, {**old, "ws": 1})["pingpong"] == 1
+    assert effective_knobs(wl, target, None)["pingpong"] == 1
+
+
 def test_wgmma_knob_rules():
     """FA3 order without the loader warpgroup needs a 3-slot ring; with it, 2 slots do; the
     ping-pong order needs the loader warpgroup, the FA3 order and two consumer warpgroups."""
