@@ -620,8 +620,8 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     """The best of knob sweeps on the H200 (bf16, 16k tokens; docs/perf-notes.md v3-v5): hd64
     all-threads loading, 413 / 382 TFLOP/s at seq 4096 (non-causal / causal); hd128 warp
     specialized with FA3's intra- and inter-warpgroup (ping-pong) order, 128-key tiles, 3 slots:
-    368-566 / 237-548 over seq 512-16k; hd192 570 / 479, hd256 518 / 460 at seq 4096 (warp
-    specialized, FA3 order; ping-pong at hd192 non-causal)."""
+    368-566 / 237-548 over seq 512-16k; at seq 4096 hd192 553 (ping-pong; 528 without it in the
+    same run) / 471-479, hd256 518-529 / 460 (warp specialized, FA3 order)."""
     if head_dim <= 64:
         base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0}
         return {**base, "block_n": 96, "num_stages": 3} if causal else base
