@@ -26,6 +26,19 @@ def test_schedule_module_follows_the_target_arch():
     assert schedule_module(make_target("cuda", "sm_90a"), Workload(128, "float32", False)).__name__.endswith("cuda_ffma")
 
 
+def test_kernel_table_names_the_backward_too():
+    """``tvm-flash info`` says which modules run the forward and backward: on Hopper fp16/bf16 at
+    head dims 64/128 both on wgmma, fp32 on CUDA cores; elsewhere the mma.sync forward and the
+    FFMA backward; the CPU's own kernels on LLVM."""
+    from tvm_flash.cli import kernel_table
+
+    hopper = "\n".join(kernel_table("cuda", "sm_90a"))
+    assert "bfloat16 head dim 128: cuda_wgmma / cuda_wgmma_bwd" in hopper
+    assert "float32  head dim  64: cuda_ffma / cuda_simt" in hopper
+    assert "float16  head dim  64: cuda_tc / cuda_simt" in "\n".join(kernel_table("cuda", "sm_80"))
+    assert all(line.endswith("cpu / cpu") for line in kernel_table("llvm", None)[1:])
+
+
 def test_exported_kernel_arch_fallback(monkeypatch):
     wl = Workload(64, "float16", False)
     sentinel = object()

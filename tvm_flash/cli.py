@@ -80,6 +80,19 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def kernel_table(kind: str, arch: str | None) -> list[str]:
+    """Which schedule module runs the forward and the backward here, per dtype (head dims 64/128)."""
+    from . import schedules
+
+    lines = ["kernels here (forward / backward schedule module):"]
+    for dtype in ("float16", "bfloat16", "float32"):
+        for d in (64, 128):
+            fwd = schedules.for_target(kind, dtype, d, arch).__name__.rsplit(".", 1)[-1]
+            bwd = schedules.backward_for_target(kind, dtype, d, arch).__name__.rsplit(".", 1)[-1]
+            lines.append(f"  {dtype:8s} head dim {d:3d}: {fwd} / {bwd}")
+    return lines
+
+
 def info(args) -> int:
     import tvm
 
@@ -87,17 +100,20 @@ def info(args) -> int:
     from tvm_flash.build import cache_dir
 
     print(f"tvm_flash {tvm_flash.__version__}, TVM {tvm.__version__}, CUDA runtime enabled: {tvm.runtime.enabled('cuda')}")
-    target = "llvm (CPU)"
+    target, kind, arch = "llvm (CPU)", "llvm", None
     try:
         import torch
 
         if torch.cuda.is_available():
             from .ops import _cuda_arch
 
-            target = f"cuda {_cuda_arch(None)} ({torch.cuda.get_device_name()})"
+            kind, arch = "cuda", _cuda_arch(None)
+            target = f"cuda {arch} ({torch.cuda.get_device_name()})"
     except ImportError:
         pass
     print(f"target here: {target}")
+    for line in kernel_table(kind, arch):
+        print(line)
     print(f"kernel cache: {cache_dir()}")
     from tvm_flash.tune import list_logs, logs_root
 
