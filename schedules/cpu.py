@@ -20,7 +20,7 @@ from tvm_flash.compute import LN2, LOG2E, check_tiles, flash_forward
 from .common import phase_loops, tile_loop
 
 _EXP2_TAYLOR = [math.log(2) ** i / math.factorial(i) for i in range(8)]  # 2^f = sum (f ln2)^i / i!
-_RB = 4  # rows per register block of the vectorized kernel
+_RB = 4  # rows (keys of the forward's S^T) per register block of the vectorized kernels
 
 
 # What MetaSchedule may choose from (tvm_flash.tune); invalid combinations fail to build.
@@ -28,19 +28,17 @@ KNOB_SPACE = {"block_m": [16, 32, 64], "block_n": [16, 32, 64], "num_threads": [
 
 
 def default_knobs(head_dim: int, dtype: str) -> dict:
-    # vectorized kernel: 64 query rows x 64 keys, the best of block_m, block_n in {16, 32, 64} on
-    # the 2-core CI machine (fp32 seq 1024, before the lane-wise row reductions: 61 / 62 GFLOP/s at
-    # hd64 / hd128; 32 x 64: 54 / 54; now 72 / 78 at 64 x 64)
+    # vectorized kernel: 64 query rows x 64 keys, the best of block_m, block_n in {32, 64, 128}
+    # on the 2-core CI machine (fp32 B1 H8 seq 1024, S^T kernel: 93 / 96 GFLOP/s at hd64 / hd128;
+    # 64 x 128: 94 / 91, 128 x 64: 84 / 86, 32 x 64: 90 / 92)
     return {"block_m": 64, "block_n": 64, "num_threads": 64, "vectorized": 1}
 
 
 def check_vectorized(head_dim: int, dtype: str, block_m: int, block_n: int) -> None:
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    if block_m % _RB:
-        raise ValueError(f"block_m={block_m} must be a multiple of {_RB} (rows per register block)")
-    if block_n % 16:
-        raise ValueError(f"block_n={block_n} must be a multiple of 16 (vector lanes of the row reductions)")
+    if block_m % _RB or block_n % _RB:
+        raise ValueError(f"block_m={block_m} and block_n={block_n} must be multiples of {_RB} (register blocks)")
 
 
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
@@ -76,9 +74,11 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
 
 def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int = 64, block_n: int = 64):
     """The CPU forward as its own kernel: one parallel task per (batch, head, query tile of
-    ``block_m`` rows); K tile stored transposed so S = Q Kᵀ is a vector FMA across keys and
-    O += P V one across D, both register-blocked over ``_RB`` rows; a vectorizable exp2;
-    fp32 inside (fp16/bf16 converted on load and store)."""
+    ``block_m`` rows), fp32 inside (fp16/bf16 converted on load and store).  The Q tile is stored
+    transposed once per task, so Sᵀ = K Qᵀ is a vector FMA across queries, register-blocked over
+    ``_RB`` keys (no per-key-tile transpose), and the online softmax runs down the columns of
+    Sᵀ: each query's max and sum are vector ops across queries (no horizontal reductions);
+    O += P V is a vector FMA across D, register-blocked over rows; a vectorizable exp2."""
     check_vectorized(head_dim, dtype, block_m, block_n)
     # rows per register block of O += P V: about 16 vector registers of accumulators (D / 16 each)
     RBO = 4 if head_dim <= 64 else 2 if head_dim <= 128 else 1  # divides block_m (a multiple of 4)
@@ -99,15 +99,16 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
         o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
         lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
         for task in T.parallel(B * Hq * ((Sq + BM - 1) // BM)):
-            qs = T.alloc_buffer((BM, D), "float32")
-            kt = T.alloc_buffer((D, BN), "float32")
+            qt = T.alloc_buffer((D, BM), "float32")
+            ks = T.alloc_buffer((BN, D), "float32")
             vs = T.alloc_buffer((BN, D), "float32")
-            s = T.alloc_buffer((BM, BN), "float32")
+            st = T.alloc_buffer((BN, BM), "float32")
             acc = T.alloc_buffer((BM, D), "float32")
             m_i = T.alloc_buffer((BM,), "float32")
             l_i = T.alloc_buffer((BM,), "float32")
-            red = T.alloc_buffer((2,), "float32")
-            part = T.alloc_buffer((16,), "float32")
+            mx = T.alloc_buffer((BM,), "float32")
+            mu = T.alloc_buffer((BM,), "float32")
+            al = T.alloc_buffer((BM,), "float32")
             nmt = (Sq + BM - 1) // BM
             mt = task % nmt
             hq = task // nmt % Hq
@@ -116,9 +117,11 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
             m0 = mt * BM
             sl2 = scale * T.float32(LOG2E)
             for i in T.serial(BM):
+                for d in T.serial(D):
+                    qt[d, i] = T.if_then_else(m0 + i < Sq, T.cast(q[b, hq, T.min(m0 + i, Sq - 1), d], "float32"), T.float32(0)) * sl2
                 for d in T.vectorized(D):
-                    qs[i, d] = T.if_then_else(m0 + i < Sq, T.cast(q[b, hq, T.min(m0 + i, Sq - 1), d], "float32"), T.float32(0)) * sl2
                     acc[i, d] = T.float32(0)
+            for i in T.vectorized(BM):
                 m_i[i] = T.float32(NEG_INF)
                 l_i[i] = T.float32(0)
             kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
@@ -126,51 +129,42 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
                 n0 = jt * BN
                 for j in T.serial(BN):
                     for d in T.vectorized(D):
+                        ks[j, d] = T.if_then_else(n0 + j < Sk, T.cast(k[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
                         vs[j, d] = T.if_then_else(n0 + j < Sk, T.cast(v[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
+                # Sᵀ = K Qᵀ, register blocks of RB keys x block_m queries
+                for jo in T.serial(BN // RB):
+                    for jj in T.unroll(RB):
+                        for i in T.vectorized(BM):
+                            st[jo * RB + jj, i] = T.float32(0)
                     for d in T.serial(D):
-                        kt[d, j] = T.if_then_else(n0 + j < Sk, T.cast(k[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
-                for io in T.serial(BM // RB):
-                    for ii in T.unroll(RB):
-                        for j in T.vectorized(BN):
-                            s[io * RB + ii, j] = T.float32(0)
-                    for d in T.serial(D):
-                        for ii in T.unroll(RB):
-                            for j in T.vectorized(BN):
-                                s[io * RB + ii, j] = s[io * RB + ii, j] + qs[io * RB + ii, d] * kt[d, j]
-                for i in T.serial(BM):
-                    for j in T.vectorized(BN):
-                        s[i, j] = T.if_then_else((n0 + j >= Sk) or (causal and n0 + j > m0 + i), T.float32(NEG_INF), s[i, j])
-                    # row max and (below) row sum over 16 vector lanes, then across the lanes:
-                    # a scalar chain over the whole tile would cost as much as the GEMMs
-                    for w in T.vectorized(16):
-                        part[w] = s[i, w]
-                    for c in T.serial(1, BN // 16):
-                        for w in T.vectorized(16):
-                            part[w] = T.max(part[w], s[i, c * 16 + w])
-                    red[0] = m_i[i]
-                    for w in T.serial(16):
-                        red[0] = T.max(red[0], part[w])
-                    red[1] = T.if_then_else(red[0] == T.float32(NEG_INF), T.float32(0), red[0])
-                    for j in T.vectorized(BN):
-                        s[i, j] = _exp2_vec(s[i, j] - red[1])
-                    alpha = T.exp2(m_i[i] - red[1])
-                    m_i[i] = red[0]
-                    for w in T.vectorized(16):
-                        part[w] = s[i, w]
-                    for c in T.serial(1, BN // 16):
-                        for w in T.vectorized(16):
-                            part[w] = part[w] + s[i, c * 16 + w]
-                    red[0] = T.float32(0)
-                    for w in T.serial(16):
-                        red[0] = red[0] + part[w]
-                    l_i[i] = l_i[i] * alpha + red[0]
-                    for d in T.vectorized(D):
-                        acc[i, d] = acc[i, d] * alpha
+                        for jj in T.unroll(RB):
+                            for i in T.vectorized(BM):
+                                st[jo * RB + jj, i] = st[jo * RB + jj, i] + ks[jo * RB + jj, d] * qt[d, i]
+                # -inf past Sk and above the diagonal; each query's new max, O's rescale factor,
+                # P = exp2(S - max) and the running sum: vector ops across queries
+                for i in T.vectorized(BM):
+                    mx[i] = m_i[i]
+                for j in T.serial(BN):
+                    for i in T.vectorized(BM):
+                        st[j, i] = T.if_then_else((n0 + j >= Sk) or (causal and n0 + j > m0 + i), T.float32(NEG_INF), st[j, i])
+                        mx[i] = T.max(mx[i], st[j, i])
+                for i in T.vectorized(BM):
+                    mu[i] = T.if_then_else(mx[i] == T.float32(NEG_INF), T.float32(0), mx[i])
+                    al[i] = _exp2_vec(m_i[i] - mu[i])
+                    m_i[i] = mx[i]
+                    l_i[i] = l_i[i] * al[i]
+                for j in T.serial(BN):
+                    for i in T.vectorized(BM):
+                        st[j, i] = _exp2_vec(st[j, i] - mu[i])
+                        l_i[i] = l_i[i] + st[j, i]
                 for io in T.serial(BM // RBO):
+                    for ii in T.unroll(RBO):
+                        for d in T.vectorized(D):
+                            acc[io * RBO + ii, d] = acc[io * RBO + ii, d] * al[io * RBO + ii]
                     for j in T.serial(BN):
                         for ii in T.unroll(RBO):
                             for d in T.vectorized(D):
-                                acc[io * RBO + ii, d] = acc[io * RBO + ii, d] + s[io * RBO + ii, j] * vs[j, d]
+                                acc[io * RBO + ii, d] = acc[io * RBO + ii, d] + st[j, io * RBO + ii] * vs[j, d]
             for i in T.serial(BM):
                 if m0 + i < Sq:
                     for d in T.vectorized(D):
