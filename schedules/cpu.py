@@ -192,43 +192,43 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
     """The CPU backward as vector code, the math of ``compute_backward`` (P from the saved LSE,
     delta = rowsum(dO * O) - dLSE, dS = P * (dP - delta)): ``flash_bwd_dkdv`` (one parallel task
     per (batch, kv head, key tile): dK, dV over the group's query heads and query tiles) and
-    ``flash_bwd_dq`` (one per (batch, query head, query tile)).  K and V tiles are stored
-    transposed so S = Q Kᵀ and dP = dO Vᵀ are vector FMAs across keys; dV += Pᵀ dO, dK += dSᵀ Q
-    and dQ += dS K are vector FMAs across D, register-blocked over rows."""
+    ``flash_bwd_dq`` (one per (batch, query head, query tile)).  dK/dV: the task's K and V tiles
+    are stored transposed once, so S = Q Kᵀ and dP = dO Vᵀ are vector FMAs across keys; dQ: the
+    task's Q and dO tiles are stored transposed once and the key tiles stream in as loaded, so
+    Sᵀ = K Qᵀ and dPᵀ = V dOᵀ are vector FMAs across queries (no per-tile transpose); dV += Pᵀ
+    dO, dK += dSᵀ Q and dQ += dS K are vector FMAs across D, register-blocked over rows."""
     check_vectorized(head_dim, dtype, block_m, block_n)
     D, BM, BN, RB = head_dim, block_m, block_n, _RB
     RBO = 4 if D <= 64 else 2 if D <= 128 else 1
 
     @T.macro
-    def load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hq, row0, Sq, part8):
-        # Q and dO rows (fp32, zero past Sq), delta = rowsum(dO * O) - dLSE and LSE per row
+    def load_rows(qs, qs2, dos, dl, ls, q, do, o, lse, dlse, b, hq, row0, Sq, sl2):
+        # Q and dO rows (fp32, zero past Sq), Q * scale*log2(e) (S is then the forward's, operation
+        # for operation: P of a single key is 1 up to the LSE's rounding), delta = rowsum(dO * O)
+        # - dLSE and LSE * log2(e) per row
         for i in T.serial(BM):
             for d in T.vectorized(D):
                 qs[i, d] = T.if_then_else(row0 + i < Sq, T.cast(q[b, hq, T.min(row0 + i, Sq - 1), d], "float32"), T.float32(0))
+                qs2[i, d] = qs[i, d] * sl2
                 dos[i, d] = T.if_then_else(row0 + i < Sq, T.cast(do[b, hq, T.min(row0 + i, Sq - 1), d], "float32"), T.float32(0))
-            for w in T.vectorized(8):
-                part8[w] = T.float32(0)
-            for c in T.serial(D // 8):
-                for w in T.vectorized(8):
-                    part8[w] = part8[w] + dos[i, c * 8 + w] * T.cast(o[b, hq, T.min(row0 + i, Sq - 1), c * 8 + w], "float32")
+            # one chain over D in the order dP = dO Vᵀ is summed: with a single key O = V and
+            # dP - delta cancels exactly (dK = 0), 8-lane partial sums left ~1e-5 of noise in dK
             dl[i] = T.float32(0)
-            for w in T.serial(8):
-                dl[i] = dl[i] + part8[w]
+            for d in T.serial(D):
+                dl[i] = dl[i] + dos[i, d] * T.cast(o[b, hq, T.min(row0 + i, Sq - 1), d], "float32")
             dl[i] = T.if_then_else(row0 + i < Sq, dl[i] - dlse[b, hq, T.min(row0 + i, Sq - 1)], T.float32(0))
-            ls[i] = T.if_then_else(row0 + i < Sq, lse[b, hq, T.min(row0 + i, Sq - 1)], T.float32(0))
+            ls[i] = T.if_then_else(row0 + i < Sq, lse[b, hq, T.min(row0 + i, Sq - 1)] * T.float32(LOG2E), T.float32(0))
 
     @T.macro
-    def load_keys(kt, vt, ks, k, v, b, hk, col0, Sk):
-        # K and V tiles transposed (keys contiguous), and K row-major for dQ += dS K
+    def load_keys(kt, vt, k, v, b, hk, col0, Sk):
+        # dK/dV kernel: the task's K and V tiles, transposed (keys contiguous)
         for j in T.serial(BN):
-            for d in T.vectorized(D):
-                ks[j, d] = T.if_then_else(col0 + j < Sk, T.cast(k[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
             for d in T.serial(D):
-                kt[d, j] = ks[j, d]
+                kt[d, j] = T.if_then_else(col0 + j < Sk, T.cast(k[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
                 vt[d, j] = T.if_then_else(col0 + j < Sk, T.cast(v[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
 
     @T.macro
-    def p_ds(qs, dos, kt, vt, dl, ls, p, ds, row0, col0, Sq, Sk, scale):
+    def p_ds(qs2, dos, kt, vt, dl, ls, p, ds, row0, col0, Sq, Sk):
         # S = Q Kᵀ into p, dP = dO Vᵀ into ds (vector FMAs across keys, RB rows per block), then
         # P = exp(scale S - LSE) and dS = P (dP - delta), masked entries 0
         for io in T.serial(BM // RB):
@@ -239,13 +239,39 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             for d in T.serial(D):
                 for ii in T.unroll(RB):
                     for j in T.vectorized(BN):
-                        p[io * RB + ii, j] = p[io * RB + ii, j] + qs[io * RB + ii, d] * kt[d, j]
+                        p[io * RB + ii, j] = p[io * RB + ii, j] + qs2[io * RB + ii, d] * kt[d, j]
                         ds[io * RB + ii, j] = ds[io * RB + ii, j] + dos[io * RB + ii, d] * vt[d, j]
         for i in T.serial(BM):
             for j in T.vectorized(BN):
                 p[i, j] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
-                                         T.float32(0), _exp2_vec((p[i, j] * scale - ls[i]) * T.float32(LOG2E)))
+                                         T.float32(0), _exp2_vec(p[i, j] - ls[i]))
                 ds[i, j] = p[i, j] * (ds[i, j] - dl[i])
+
+    @T.macro
+    def p_ds_t(qt, dot, ks, vs, dl, ls, pt, dst, row0, col0, Sq, Sk):
+        # dQ kernel: Sᵀ = K Qᵀ into pt, dPᵀ = V dOᵀ into dst (vector FMAs across queries, RB keys
+        # per block: K and V rows as loaded, Q and dO transposed once per task), then
+        # Pᵀ = exp(scale Sᵀ - LSE) and dSᵀ = Pᵀ (dPᵀ - delta), masked entries 0
+        for jo in T.serial(BN // RB):
+            for jj in T.unroll(RB):
+                for i in T.vectorized(BM):
+                    pt[jo * RB + jj, i] = T.float32(0)
+            for d in T.serial(D):
+                for jj in T.unroll(RB):
+                    for i in T.vectorized(BM):
+                        pt[jo * RB + jj, i] = pt[jo * RB + jj, i] + ks[jo * RB + jj, d] * qt[d, i]
+            for jj in T.unroll(RB):
+                for i in T.vectorized(BM):
+                    dst[jo * RB + jj, i] = T.float32(0)
+            for d in T.serial(D):
+                for jj in T.unroll(RB):
+                    for i in T.vectorized(BM):
+                        dst[jo * RB + jj, i] = dst[jo * RB + jj, i] + vs[jo * RB + jj, d] * dot[d, i]
+        for j in T.serial(BN):
+            for i in T.vectorized(BM):
+                pt[j, i] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
+                                          T.float32(0), _exp2_vec(pt[j, i] - ls[i]))
+                dst[j, i] = pt[j, i] * (dst[j, i] - dl[i])
 
     # fmt: off
     @T.prim_func
@@ -268,15 +294,14 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
         dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
         for task in T.parallel(B * Hkv * ((Sk + BN - 1) // BN)):
             qs = T.alloc_buffer((BM, D), "float32")
+            qs2 = T.alloc_buffer((BM, D), "float32")
             dos = T.alloc_buffer((BM, D), "float32")
             kt = T.alloc_buffer((D, BN), "float32")
             vt = T.alloc_buffer((D, BN), "float32")
-            ks = T.alloc_buffer((BN, D), "float32")
             p = T.alloc_buffer((BM, BN), "float32")
             ds = T.alloc_buffer((BM, BN), "float32")
             dl = T.alloc_buffer((BM,), "float32")
             ls = T.alloc_buffer((BM,), "float32")
-            part8 = T.alloc_buffer((8,), "float32")
             dka = T.alloc_buffer((BN, D), "float32")
             dva = T.alloc_buffer((BN, D), "float32")
             dkp = T.alloc_buffer((RBO, D), "float32")
@@ -286,31 +311,35 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             hk = task // nkt % Hkv
             b = task // nkt // Hkv
             mt0 = T.if_then_else(causal, T.min(n0 // BM, (Sq + BM - 1) // BM), 0)
-            load_keys(kt, vt, ks, k, v, b, hk, n0, Sk)
+            load_keys(kt, vt, k, v, b, hk, n0, Sk)
             for j in T.serial(BN):
                 for d in T.vectorized(D):
                     dka[j, d] = T.float32(0)
                     dva[j, d] = T.float32(0)
             for g in T.serial(Hq // Hkv):
                 for mi in T.serial((Sq + BM - 1) // BM - mt0):
-                    load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq, part8)
-                    p_ds(qs, dos, kt, vt, dl, ls, p, ds, (mt0 + mi) * BM, n0, Sq, Sk, scale)
-                    # per query tile partial sums, then into the running total: short fp32
-                    # rounding chains over long sequences and large GQA groups
+                    load_rows(qs, qs2, dos, dl, ls, q, do, o, lse, dlse, b, hk * (Hq // Hkv) + g, (mt0 + mi) * BM, Sq,
+                              scale * T.float32(LOG2E))
+                    p_ds(qs2, dos, kt, vt, dl, ls, p, ds, (mt0 + mi) * BM, n0, Sq, Sk)
+                    # partial sums per half query tile, then into the running total: short
+                    # fp32 rounding chains over long sequences and large GQA groups (one chain
+                    # of 64 rows gave dV 1.08e-5 against float64 at |dV| = 34: 148 rows of a
+                    # single key; torch 0.87e-5)
                     for jo in T.serial(BN // RBO):
-                        for jj in T.unroll(RBO):
-                            for d in T.vectorized(D):
-                                dvp[jj, d] = T.float32(0)
-                                dkp[jj, d] = T.float32(0)
-                        for i in T.serial(BM):
+                        for ih in T.serial(2):
                             for jj in T.unroll(RBO):
                                 for d in T.vectorized(D):
-                                    dvp[jj, d] = dvp[jj, d] + p[i, jo * RBO + jj] * dos[i, d]
-                                    dkp[jj, d] = dkp[jj, d] + ds[i, jo * RBO + jj] * qs[i, d]
-                        for jj in T.unroll(RBO):
-                            for d in T.vectorized(D):
-                                dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + dvp[jj, d]
-                                dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + dkp[jj, d]
+                                    dvp[jj, d] = T.float32(0)
+                                    dkp[jj, d] = T.float32(0)
+                            for i in T.serial(BM // 2):
+                                for jj in T.unroll(RBO):
+                                    for d in T.vectorized(D):
+                                        dvp[jj, d] = dvp[jj, d] + p[ih * (BM // 2) + i, jo * RBO + jj] * dos[ih * (BM // 2) + i, d]
+                                        dkp[jj, d] = dkp[jj, d] + ds[ih * (BM // 2) + i, jo * RBO + jj] * qs[ih * (BM // 2) + i, d]
+                            for jj in T.unroll(RBO):
+                                for d in T.vectorized(D):
+                                    dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + dvp[jj, d]
+                                    dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + dkp[jj, d]
             for j in T.serial(BN):
                 if n0 + j < Sk:
                     for d in T.vectorized(D):
@@ -336,15 +365,16 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
         dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
         for task in T.parallel(B * Hq * ((Sq + BM - 1) // BM)):
             qs = T.alloc_buffer((BM, D), "float32")
+            qs2 = T.alloc_buffer((BM, D), "float32")
             dos = T.alloc_buffer((BM, D), "float32")
-            kt = T.alloc_buffer((D, BN), "float32")
-            vt = T.alloc_buffer((D, BN), "float32")
+            qt = T.alloc_buffer((D, BM), "float32")
+            dot = T.alloc_buffer((D, BM), "float32")
             ks = T.alloc_buffer((BN, D), "float32")
-            p = T.alloc_buffer((BM, BN), "float32")
-            ds = T.alloc_buffer((BM, BN), "float32")
+            vs = T.alloc_buffer((BN, D), "float32")
+            pt = T.alloc_buffer((BN, BM), "float32")
+            dst = T.alloc_buffer((BN, BM), "float32")
             dl = T.alloc_buffer((BM,), "float32")
             ls = T.alloc_buffer((BM,), "float32")
-            part8 = T.alloc_buffer((8,), "float32")
             dqa = T.alloc_buffer((BM, D), "float32")
             dqp = T.alloc_buffer((RBO, D), "float32")
             nmt = (Sq + BM - 1) // BM
@@ -352,14 +382,20 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             hq = task // nmt % Hq
             b = task // nmt // Hq
             hk = hq // (Hq // Hkv)
-            load_rows(qs, dos, dl, ls, q, do, o, lse, dlse, b, hq, m0, Sq, part8)
+            load_rows(qs, qs2, dos, dl, ls, q, do, o, lse, dlse, b, hq, m0, Sq, scale * T.float32(LOG2E))
             for i in T.serial(BM):
+                for d in T.serial(D):
+                    qt[d, i] = qs2[i, d]
+                    dot[d, i] = dos[i, d]
                 for d in T.vectorized(D):
                     dqa[i, d] = T.float32(0)
             kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
             for jt in T.serial((kv_len + BN - 1) // BN):
-                load_keys(kt, vt, ks, k, v, b, hk, jt * BN, Sk)
-                p_ds(qs, dos, kt, vt, dl, ls, p, ds, m0, jt * BN, Sq, Sk, scale)
+                for j in T.serial(BN):
+                    for d in T.vectorized(D):
+                        ks[j, d] = T.if_then_else(jt * BN + j < Sk, T.cast(k[b, hk, T.min(jt * BN + j, Sk - 1), d], "float32"), T.float32(0))
+                        vs[j, d] = T.if_then_else(jt * BN + j < Sk, T.cast(v[b, hk, T.min(jt * BN + j, Sk - 1), d], "float32"), T.float32(0))
+                p_ds_t(qt, dot, ks, vs, dl, ls, pt, dst, m0, jt * BN, Sq, Sk)
                 for io in T.serial(BM // RBO):  # per key tile partial sums, as dK / dV
                     for ii in T.unroll(RBO):
                         for d in T.vectorized(D):
@@ -367,7 +403,7 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                     for j in T.serial(BN):
                         for ii in T.unroll(RBO):
                             for d in T.vectorized(D):
-                                dqp[ii, d] = dqp[ii, d] + ds[io * RBO + ii, j] * ks[j, d]
+                                dqp[ii, d] = dqp[ii, d] + dst[j, io * RBO + ii] * ks[j, d]
                     for ii in T.unroll(RBO):
                         for d in T.vectorized(D):
                             dqa[io * RBO + ii, d] = dqa[io * RBO + ii, d] + dqp[ii, d]
