@@ -73,3 +73,23 @@ def test_both_cpu_kernels(vectorized, dtype):
         bound = 1e-5 if dtype == torch.float32 else 2 * (torch_attention(q, k, v, causal).double() - ref).abs().max().item()
         assert err <= bound, f"{(hq, hkv, sq, sk, d, causal)}: {err:.3e} > {bound:.3e}"
         assert (lse.double() - ref_lse).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 64), (32, 16), (64, 32), (16, 16)])
+def test_vectorized_kernel_tile_sizes(block_m, block_n):
+    """The vectorized CPU kernel at the other tile sizes its knob space offers (a tuning log may
+    pick them): query tiles narrower than a vector register, key tiles of one register block."""
+    import math
+
+    from tvm_flash.build import Workload, get_kernel, make_target
+    from tvm_flash.reference import attention_ref
+
+    for i, (hq, hkv, sq, sk, d, causal) in enumerate([(4, 2, 77, 130, 40, True), (2, 1, 33, 70, 128, False)]):
+        kernel = get_kernel(Workload(d, "float32", causal), make_target("llvm", "host"),
+                            {"vectorized": 1, "block_m": block_m, "block_n": block_n})
+        q, k, v = rand_qkv(1, hq, hkv, sq, sk, d, torch.float32, seed=70 + i)
+        out, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:3], float("nan"))
+        kernel(q, k, v, out, lse, 1 / math.sqrt(d))
+        ref, ref_lse = attention_ref(q, k, v, causal=causal)
+        assert (out.double() - ref).abs().max().item() <= 1e-5
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-5
