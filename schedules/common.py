@@ -12,8 +12,8 @@ MAX_SMEM = 232448  # bytes of (dynamic) shared memory one block may use on sm_90
 PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}  # dtype -> PTX type name of mma/wgmma/cvt
 
 # An empty volatile asm that reads and writes one register (by reference), issued after
-# wgmma.wait_group: later reads of the register depend on it, so the C++ compiler cannot hoist
-# them above the wait (it does not see wgmma's asynchronous register writes).
+# wgmma.wait_group (``pin_all``): later reads of the register depend on it, so the C++ compiler
+# cannot hoist them above the wait (it does not see wgmma's asynchronous register writes).
 PIN_SRC = """
 __forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 """
@@ -48,3 +48,27 @@ def phase_loops(sch):
 def tile_loop(sch):
     """The loop over (batch, head, query tile)."""
     return sch.get_loops(sch.get_sblock("tile"))[0]
+
+
+@T.macro
+def pin_all(buf, n):
+    """Pin ``n`` registers of ``buf`` after ``wgmma.wait_group`` (the C++ compiler must not move
+    their reads above it: it cannot see wgmma's asynchronous writes)."""
+    for i in T.unroll(n):
+        T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
+
+
+def pack_frag_macro(pack2):
+    """A macro ``pack_frag(dst, src, kn_count)``: an fp32 wgmma accumulator (m64nN layout) to
+    fp16/bf16 pairs with ``pack2`` (the ``cvt.rn.<type>x2.f32`` op), which is the register-A
+    fragment of a following wgmma: k16 step kn in dst[4kn:4kn+4]."""
+
+    @T.macro
+    def pack_frag(dst, src, kn_count):
+        for kn in T.unroll(kn_count):
+            pack2(dst[kn * 4 + 0], src[(2 * kn) * 4 + 1], src[(2 * kn) * 4 + 0])
+            pack2(dst[kn * 4 + 1], src[(2 * kn) * 4 + 3], src[(2 * kn) * 4 + 2])
+            pack2(dst[kn * 4 + 2], src[(2 * kn + 1) * 4 + 1], src[(2 * kn + 1) * 4 + 0])
+            pack2(dst[kn * 4 + 3], src[(2 * kn + 1) * 4 + 3], src[(2 * kn + 1) * 4 + 2])
+
+    return pack_frag

@@ -51,7 +51,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LN2, LOG2E
 
-from .common import MAX_SMEM, PIN_SRC, PTX_TYPE, body_macro
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
 
 __all__ = ["supports", "default_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
@@ -287,14 +287,9 @@ def forward_wgmma(
         if lane == 0:
             _mbar("mbar_arrive", T.address_of(smem[BAR_OFF + 4 * (NS + jt % NS)]))
 
-    # The loop body's pieces (hygienic=False: they use the kernel's local names).
-    @body_macro
-    def pin_all(buf, n):
-        # pin registers after wgmma.wait_group (the C++ compiler must not move their reads
-        # above it: it cannot see the asynchronous writes)
-        for i in T.unroll(n):
-            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
+    pack_frag = pack_frag_macro(pack2)
 
+    # The loop body's pieces (hygienic=False: they use the kernel's local names).
     @body_macro
     def issue_s(sb, slot):
         # S = Q K^T of the tile in ring slot `slot`, both from shared memory; committed, not waited
@@ -340,15 +335,6 @@ def forward_wgmma(
             l_i[hh] = l_i[hh] + sb[nt * 4 + hh * 2 + e2]
 
     @body_macro
-    def pack_p(sb):
-        # P to fp16/bf16 pairs: the register-A fragment of wgmma, k16 step kn in pf[4kn:4kn+4]
-        for kn in T.unroll(KN):
-            pack2(pf[kn * 4 + 0], sb[(2 * kn) * 4 + 1], sb[(2 * kn) * 4 + 0])
-            pack2(pf[kn * 4 + 1], sb[(2 * kn) * 4 + 3], sb[(2 * kn) * 4 + 2])
-            pack2(pf[kn * 4 + 2], sb[(2 * kn + 1) * 4 + 1], sb[(2 * kn + 1) * 4 + 0])
-            pack2(pf[kn * 4 + 3], sb[(2 * kn + 1) * 4 + 3], sb[(2 * kn + 1) * 4 + 2])
-
-    @body_macro
     def issue_pv(slot):
         # O += P V with P from registers and V (MN-major) from ring slot `slot`; committed, not waited
         wg_fence()
@@ -368,7 +354,7 @@ def forward_wgmma(
             row_softmax(sb, hh, alpha, 0)
             for dt, e2 in T.grid(D // 8, 2):
                 acc[dt * 4 + hh * 2 + e2] = acc[dt * 4 + hh * 2 + e2] * alpha[0]
-        pack_p(sb)
+        pack_frag(pf, sb, KN)
         issue_pv(slot)
 
     @body_macro
@@ -451,7 +437,7 @@ def forward_wgmma(
             wg_wait(0)
             pin_all(s, SACC)
             softmax_rows(s, 0)
-            pack_p(s)
+            pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
                 wait_full(j + 1)
                 turn_wait()
@@ -464,7 +450,7 @@ def forward_wgmma(
                 wg_wait(0)
                 pin_all(acc, OACC)
                 release(j)
-                pack_p(s)
+                pack_frag(pf, s, KN)
             turn_wait()
             rescale_issue_pv((n_blk - 1) % NS)
             turn_pass(True)
@@ -495,7 +481,7 @@ def forward_wgmma(
             wg_wait(0)
             pin_all(s, SACC)
             softmax_rows(s, 0)
-            pack_p(s)
+            pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
                 wait_group(NS - 3)  # tile j+1 landed: own copies
                 fence_proxy()
@@ -510,12 +496,11 @@ def forward_wgmma(
                 softmax_rows(s, j + 1)
                 wg_wait(0)
                 pin_all(acc, OACC)
-                pack_p(s)
+                pack_frag(pf, s, KN)
             rescale_issue_pv((n_blk - 1) % NS)
 
         wg_wait(0)
-        for i in T.unroll(OACC):
-            T.cuda.func_call("tvm_flash_pin", acc[i], source_code=PIN_SRC)
+        pin_all(acc, OACC)
         # ---- epilogue: O / l and LSE ----
         for hh in T.unroll(2):
             red[0] = l_i[hh]

@@ -39,7 +39,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LOG2E
 
-from .common import MAX_SMEM, PIN_SRC, PTX_TYPE, body_macro
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
 
@@ -134,19 +134,27 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     tiles = _tile_macros(D, NT, cp_async)
     load_m, load_q, load_n = tiles(BM), tiles(BQ), tiles(BN)
 
-    @body_macro
-    def pin_all(buf, n):
-        for i in T.unroll(n):
-            T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
+    pack_frag = pack_frag_macro(pack2)
 
     @body_macro
-    def pack_frag(dst, src, kn_count):
-        # fp32 accumulator (m64nN layout) -> fp16/bf16 pairs: the register-A fragment of wgmma
+    def issue_ss(op, acc, n_acc, desc_a, desc_b, slot, panel):
+        # acc = A B^T over head_dim, A (this warpgroup's 64 rows of a stationary tile) and B (ring
+        # slot `slot`, rows of `panel` elements per 64 columns) K-major from shared memory; committed
+        for kd in T.unroll(KD):
+            op(*[acc[i] for i in range(n_acc)],
+               desc_a + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
+               desc_b + T.uint64(((slot * NP + kd // 4) * panel * 2 + (kd % 4) * 32) >> 4),
+               kd > 0, 1, 1, 0, 0)
+        wg_commit()
+
+    @body_macro
+    def issue_rs(acc, frag, desc_b, slot, panel, kn_count):
+        # acc += A B over kn_count k16 steps, A the packed registers `frag`, B (ring slot `slot`)
+        # MN-major from shared memory; committed
         for kn in T.unroll(kn_count):
-            pack2(dst[kn * 4 + 0], src[(2 * kn) * 4 + 1], src[(2 * kn) * 4 + 0])
-            pack2(dst[kn * 4 + 1], src[(2 * kn) * 4 + 3], src[(2 * kn) * 4 + 2])
-            pack2(dst[kn * 4 + 2], src[(2 * kn + 1) * 4 + 1], src[(2 * kn + 1) * 4 + 0])
-            pack2(dst[kn * 4 + 3], src[(2 * kn + 1) * 4 + 3], src[(2 * kn + 1) * 4 + 2])
+            rs_d(*[acc[i] for i in range(DV_ACC)], frag[kn * 4 + 0], frag[kn * 4 + 1], frag[kn * 4 + 2], frag[kn * 4 + 3],
+                 desc_b + T.uint64((slot * NP * panel * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
+        wg_commit()
 
     @body_macro
     def store_rows(acc, out32, H, S, bz, h, row0, mul):
@@ -202,18 +210,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # `overlap`, P^T is computed while dP^T is on the tensor cores and dS^T while dV is
         # (each wgmma group waited for only when its result is needed)
         wg_fence()
-        for kd in T.unroll(KD):
-            ss_q(*[s[i] for i in range(SQ_ACC)],
-                 desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 desc[2] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 kd > 0, 1, 1, 0, 0)
-        wg_commit()
-        for kd in T.unroll(KD):
-            ss_q(*[dp[i] for i in range(SQ_ACC)],
-                 desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 desc[3] + T.uint64(((slot * NP + kd // 4) * Q_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 kd > 0, 1, 1, 0, 0)
-        wg_commit()
+        issue_ss(ss_q, s, SQ_ACC, desc[0], desc[2], slot, Q_PANEL)
+        issue_ss(ss_q, dp, SQ_ACC, desc[1], desc[3], slot, Q_PANEL)
         wg_wait(1 if overlap else 0)  # S^T complete
         pin_all(s, SQ_ACC)
         q0 = (i0 + t % n_qt) * BQ
@@ -226,10 +224,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                     s[idx] = T.float32(0)
         pack_frag(pp, s, KQ)
         wg_fence()
-        for kn in T.unroll(KQ):
-            rs_d(*[dv_acc[i] for i in range(DV_ACC)], pp[kn * 4 + 0], pp[kn * 4 + 1], pp[kn * 4 + 2], pp[kn * 4 + 3],
-                 desc[5] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
-        wg_commit()
+        issue_rs(dv_acc, pp, desc[5], slot, Q_PANEL, KQ)
         wg_wait(1 if overlap else 0)  # dP^T complete (dV may still run)
         pin_all(dp, SQ_ACC)
         for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
@@ -237,10 +232,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             dp[idx] = s[idx] * (dp[idx] - lsd[buf * 2 * BQ + BQ + nt * 8 + t4 * 2 + e2])
         pack_frag(pd, dp, KQ)
         wg_fence()
-        for kn in T.unroll(KQ):
-            rs_d(*[dk_acc[i] for i in range(DV_ACC)], pd[kn * 4 + 0], pd[kn * 4 + 1], pd[kn * 4 + 2], pd[kn * 4 + 3],
-                 desc[4] + T.uint64((slot * NP * Q_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
-        wg_commit()
+        issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
         wg_wait(0)
         pin_all(dv_acc, DV_ACC)
         pin_all(dk_acc, DV_ACC)
@@ -338,18 +330,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # S = Q K^T and dP = dO V^T, then P (with `overlap`: while dP is on the tensor cores),
         # dS, dQ += dS K
         wg_fence()
-        for kd in T.unroll(KD):
-            ss_n(*[s[i] for i in range(SN_ACC)],
-                 desc[0] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 desc[2] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 kd > 0, 1, 1, 0, 0)
-        wg_commit()
-        for kd in T.unroll(KD):
-            ss_n(*[dp[i] for i in range(SN_ACC)],
-                 desc[1] + T.uint64(((kd // 4) * M_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 desc[3] + T.uint64(((slot * NP + kd // 4) * N_PANEL * 2 + (kd % 4) * 32) >> 4),
-                 kd > 0, 1, 1, 0, 0)
-        wg_commit()
+        issue_ss(ss_n, s, SN_ACC, desc[0], desc[2], slot, N_PANEL)
+        issue_ss(ss_n, dp, SN_ACC, desc[1], desc[3], slot, N_PANEL)
         wg_wait(1 if overlap else 0)  # S complete
         pin_all(s, SN_ACC)
         n0 = j * BN
@@ -365,10 +347,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             dp[nt * 4 + hh * 2 + e2] = s[nt * 4 + hh * 2 + e2] * (dp[nt * 4 + hh * 2 + e2] - rd[hh])
         pack_frag(pd, dp, KN)
         wg_fence()
-        for kn in T.unroll(KN):
-            rs_d(*[dq_acc[i] for i in range(DV_ACC)], pd[kn * 4 + 0], pd[kn * 4 + 1], pd[kn * 4 + 2], pd[kn * 4 + 3],
-                 desc[4] + T.uint64((slot * NP * N_PANEL * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
-        wg_commit()
+        issue_rs(dq_acc, pd, desc[4], slot, N_PANEL, KN)
         wg_wait(0)
         pin_all(dq_acc, DV_ACC)
 
