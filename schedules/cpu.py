@@ -84,6 +84,7 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
     RBO = 4 if head_dim <= 64 else 2 if head_dim <= 128 else 1  # divides block_m (a multiple of 4)
     D, BM, BN, RB = head_dim, block_m, block_n, _RB
     NEG_INF = -math.inf
+    load_kv_rows = _kv_rows_macro(D, BN)
 
     @T.prim_func
     def flash_fwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, scale: T.float32):
@@ -127,10 +128,7 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
             kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
             for jt in T.serial((kv_len + BN - 1) // BN):
                 n0 = jt * BN
-                for j in T.serial(BN):
-                    for d in T.vectorized(D):
-                        ks[j, d] = T.if_then_else(n0 + j < Sk, T.cast(k[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
-                        vs[j, d] = T.if_then_else(n0 + j < Sk, T.cast(v[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
+                load_kv_rows(ks, vs, k, v, b, hk, n0, Sk)
                 # Sᵀ = K Qᵀ, register blocks of RB keys x block_m queries
                 for jo in T.serial(BN // RB):
                     for jj in T.unroll(RB):
@@ -174,6 +172,20 @@ def forward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int 
     return flash_fwd
 
 
+def _kv_rows_macro(head_dim: int, block_n: int):
+    """A macro ``load_kv_rows(ks, vs, k, v, b, hk, n0, Sk)``: key/value rows n0.. of one tile as
+    fp32 rows (zero past Sk), for the kernels that read them as loaded (the forward, dQ)."""
+
+    @T.macro
+    def load_kv_rows(ks, vs, k, v, b, hk, n0, Sk):
+        for j in T.serial(block_n):
+            for d in T.vectorized(head_dim):
+                ks[j, d] = T.if_then_else(n0 + j < Sk, T.cast(k[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
+                vs[j, d] = T.if_then_else(n0 + j < Sk, T.cast(v[b, hk, T.min(n0 + j, Sk - 1), d], "float32"), T.float32(0))
+
+    return load_kv_rows
+
+
 def _exp2_vec(x):
     """2^x as vector code: x = n + f, n = round(x), f in [-0.5, 0.5], Taylor degree 7 (relative
     error ~1e-8), times 2^n built in the exponent bits; 0 below -126; NaN stays NaN."""
@@ -200,6 +212,7 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
     check_vectorized(head_dim, dtype, block_m, block_n)
     D, BM, BN, RB = head_dim, block_m, block_n, _RB
     RBO = 4 if D <= 64 else 2 if D <= 128 else 1
+    load_kv_rows = _kv_rows_macro(D, BN)
 
     @T.macro
     def load_rows(qs, qs2, dos, dl, ls, q, do, o, lse, dlse, b, hq, row0, Sq, sl2):
@@ -391,10 +404,7 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                     dqa[i, d] = T.float32(0)
             kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
             for jt in T.serial((kv_len + BN - 1) // BN):
-                for j in T.serial(BN):
-                    for d in T.vectorized(D):
-                        ks[j, d] = T.if_then_else(jt * BN + j < Sk, T.cast(k[b, hk, T.min(jt * BN + j, Sk - 1), d], "float32"), T.float32(0))
-                        vs[j, d] = T.if_then_else(jt * BN + j < Sk, T.cast(v[b, hk, T.min(jt * BN + j, Sk - 1), d], "float32"), T.float32(0))
+                load_kv_rows(ks, vs, k, v, b, hk, jt * BN, Sk)
                 p_ds_t(qt, dot, ks, vs, dl, ls, pt, dst, m0, jt * BN, Sq, Sk)
                 for io in T.serial(BM // RBO):  # per key tile partial sums, as dK / dV
                     for ii in T.unroll(RBO):
