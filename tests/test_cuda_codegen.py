@@ -24,20 +24,22 @@ def test_ffma_kernel_compiles_without_local_memory(tmp_path, d, causal):
     func = scheduled_func(wl, "cuda")
     src = tvm.compile(tvm.IRModule({"flash_fwd": func}), target=make_target("cuda", "sm_90")).mod.imports[0].inspect_source()
     assert "make_float4(" not in src  # shared-memory float4 reads stay vector loads, not gathers
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
-                         capture_output=True, text=True, timeout=600)
+    res = _nvcc(tmp_path, src)
     assert res.returncode == 0, res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
 
 
-def _nvcc(tmp_path, src):
+def _nvcc(tmp_path, src, arch="-arch=sm_90"):
+    """Assemble generated CUDA into tmp_path/k.cubin with ptxas' register/spill report (stderr);
+    ``arch="-gencode=arch=compute_90a,code=sm_90a"`` for the wgmma kernels."""
     cu = tmp_path / "k.cu"
     cu.write_text(src)
-    return subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
+    return subprocess.run(["nvcc", arch, "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
                           capture_output=True, text=True, timeout=600)
+
+
+SM90A = "-gencode=arch=compute_90a,code=sm_90a"
 
 
 @pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True),
@@ -74,10 +76,7 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert backward_schedule_module(make_target("cuda", "sm_90"), Workload(d, dtype, causal)).__name__.endswith("cuda_simt")
     funcs = sched.schedule_backward(d, dtype, causal)
     src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
-                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
+    res = _nvcc(tmp_path, src, SM90A)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
@@ -111,10 +110,7 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert schedule_module("cuda", wl).__name__.endswith("cuda_tc")  # plain sm_90: mma.sync
     src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target)}), target=target).mod.imports[0].inspect_source()
     assert src.count("_mma_async_sync_aligned_m64n") >= 4  # two helpers (ss, rs), each called
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
-                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
+    res = _nvcc(tmp_path, src, SM90A)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]  # C7510-C7519: "wgmma ... serialized"
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
@@ -160,10 +156,7 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     sched = schedule_module(target, Workload(d, "bfloat16", causal))
     func = sched.schedule(d, "bfloat16", causal, **knobs)
     src = tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target).mod.imports[0].inspect_source()
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    res = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
-                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=600)
+    res = _nvcc(tmp_path, src, SM90A)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
