@@ -81,6 +81,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     from triton.testing import do_bench
 
     from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
     from tvm_flash.ops import _forward
 
     d = q.shape[-1]
@@ -89,8 +90,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
         funcs = cuda_wgmma_bwd.schedule_backward(d, dtype, bool(causal), **knobs)
     except ValueError as err:
         return f"rejected ({err})"
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a", "max_shared_memory_per_block": 232448})
-    mod = tvm.compile(tvm.IRModule(funcs), target=target)
+    mod = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a"))
     dkdv, dq_fn = mod["flash_bwd_dkdv"], mod["flash_bwd_dq"]
     scale = 1 / math.sqrt(d)
     out, lse = _forward(q, k, v, bool(causal), scale)

@@ -21,9 +21,9 @@ import tvm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schedules import cuda_wgmma  # noqa: E402
+from tvm_flash.build import make_target  # noqa: E402
 from tvm_flash.reference import attention_ref  # noqa: E402
 
-TARGET = {"kind": "cuda", "arch": "sm_90a", "max_shared_memory_per_block": 232448}
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [  # B, Hq, Hkv, Sq, Sk
     (2, 4, 4, 256, 256),
@@ -36,7 +36,7 @@ SHAPES = [  # B, Hq, Hkv, Sq, Sk
 
 def build(hd, dtype, causal, knobs):
     f = cuda_wgmma.schedule(hd, dtype, causal, **knobs)
-    return tvm.compile(tvm.IRModule({"flash_fwd": f}), target=tvm.target.Target(TARGET))["flash_fwd"]
+    return tvm.compile(tvm.IRModule({"flash_fwd": f}), target=make_target("cuda", "sm_90a"))["flash_fwd"]
 
 
 def check(fn, hd, dt, causal):
