@@ -4,6 +4,9 @@ In one process, on the same random-normal inputs (fresh per shape), it times
 
     tvm_flash      tvm_flash.attention(q, k, v, causal=causal)
     naive          softmax(q @ k^T * scale + causal_mask) @ v  (materializes S x S)
+    naive_eager    (optional) the same with the softmax in fp32, as Hugging Face
+                   transformers' eager attention runs it (softmax(..., dtype=float32)
+                   .to(dtype)): the "naive" most LLM code falls back to
     sdpa_flash     F.scaled_dot_product_attention, SDPBackend.FLASH_ATTENTION forced
     sdpa_cudnn     ... SDPBackend.CUDNN_ATTENTION forced
     sdpa_mem_eff   ... SDPBackend.EFFICIENT_ATTENTION forced
@@ -72,8 +75,9 @@ DEVICE = "cuda"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP32_MAX_ERR = 1e-5
 IMPLS = ("tvm_flash", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff")
-OPTIONAL = ("tvm_default",)  # tvm_flash with the schedule's default knobs, ignoring tuning logs
-SHORT = {"tvm_flash": "tvm", "tvm_default": "tvm-def", "naive": "naive", "sdpa_flash": "fa2",
+# tvm_flash with the schedule's default knobs (tuning logs ignored); naive with an fp32 softmax
+OPTIONAL = ("tvm_default", "naive_eager")
+SHORT = {"tvm_flash": "tvm", "tvm_default": "tvm-def", "naive": "naive", "naive_eager": "eager", "sdpa_flash": "fa2",
          "sdpa_cudnn": "cudnn", "sdpa_mem_eff": "meff"}
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -153,12 +157,20 @@ def naive_attention(q, k, v, scale, mask):
     return torch.softmax(scores, -1) @ v
 
 
-def make_naive(q, k, v, causal):
+def naive_eager_attention(q, k, v, scale, mask):
+    """Hugging Face transformers' eager attention (its Llama ``eager_attention_forward``)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def make_naive(q, k, v, causal, fn=naive_attention):
     s_q, s_k = q.shape[-2], k.shape[-2]
     mask = (torch.full((s_q, s_k), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
             if causal else None)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return lambda: naive_attention(q, k, v, scale, mask)
+    return lambda: fn(q, k, v, scale, mask)
 
 
 def make_sdpa(q, k, v, causal):
@@ -189,6 +201,8 @@ def build_impls(names, tvm_module, tvm_error) -> list[Impl]:
             impls.append(Impl(name, make_tvm_default, unavailable=tvm_error))
         elif name == "naive":
             impls.append(Impl(name, make_naive))
+        elif name == "naive_eager":
+            impls.append(Impl(name, lambda q, k, v, causal: make_naive(q, k, v, causal, naive_eager_attention)))
         else:
             backend = SDPA_BACKENDS[name]
             impls.append(Impl(name, make_sdpa, context=lambda b=backend: sdpa_kernel(b)))
@@ -407,6 +421,8 @@ def summarize(points: list[dict]) -> list[dict]:
             "vs_sdpa_flash_median": median_or_none(vs_fa2),
             "vs_sdpa_flash_min": min(vs_fa2, default=None),
             "vs_naive_median": median_or_none(speed_ratios(members, "naive")),
+            "vs_naive_min": min(speed_ratios(members, "naive"), default=None),
+            "vs_naive_eager_min": min(speed_ratios(members, "naive_eager"), default=None),
             "vs_sdpa_cudnn_median": median_or_none(speed_ratios(members, "sdpa_cudnn")),
             "accuracy_ok": f"{sum(bool(a.get('ok')) for a in checked)}/{len(checked)}",
         })
@@ -418,7 +434,8 @@ SUMMARY_COLUMNS = [  # (header, key, format)
     ("causal", "causal", "{}"), ("pts", "points", "{}"),
     ("tvm TF/s med", "tvm_tflops_median", "{:.1f}"),
     ("/fa2 med", "vs_sdpa_flash_median", "{:.2f}"), ("/fa2 min", "vs_sdpa_flash_min", "{:.2f}"),
-    ("/naive med", "vs_naive_median", "{:.2f}"), ("/cudnn med", "vs_sdpa_cudnn_median", "{:.2f}"),
+    ("/naive med", "vs_naive_median", "{:.2f}"), ("/naive min", "vs_naive_min", "{:.2f}"),
+    ("/eager min", "vs_naive_eager_min", "{:.2f}"), ("/cudnn med", "vs_sdpa_cudnn_median", "{:.2f}"),
     ("acc ok", "accuracy_ok", "{}"),
 ]
 

@@ -45,16 +45,33 @@ __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
 
 FULL = 0xFFFFFFFF
 
+# A shared-memory store TVM does not see (its barrier pass would put a __syncthreads between the
+# LSE/delta stores of the next tile and the loads of this one: different halves of one buffer)
+ST_SHARED_SRC = """
+__forceinline__ __device__ void tvm_flash_st_shared_f32(void* p, float v) {
+  asm volatile("st.shared.f32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "f"(v) : "memory");
+}
+"""
+
+
+def _st_shared(addr, value):
+    return T.cuda.func_call("tvm_flash_st_shared_f32", addr, value, source_code=ST_SHARED_SRC)
+
 
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with head dim 64 or 128 (dK + dV accumulators of a 256-wide head would not fit)."""
     return dtype in PTX_TYPE and head_dim in (64, 128)
 
 
-def default_knobs_backward(head_dim: int) -> dict:
+def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     """dK/dV: 2 warpgroups (128 keys), 64 queries per step at hd64, 32 at hd128 (registers:
-    dK + dV accumulators take head_dim per thread); dQ: 2 warpgroups (128 rows), 64 keys."""
-    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 2, "overlap": 1}
+    dK + dV accumulators take head_dim per thread); dQ: 2 warpgroups (128 rows), 64 keys.
+    ``lsd_overlap`` on (+3..8% on the H200, perf-notes backward v2); ``lag`` with a 3-slot ring
+    only at hd128 without causal masking (+3% there; elsewhere ptxas serializes the wgmmas or
+    it loses)."""
+    lag = head_dim > 64 and not causal
+    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 3 if lag else 2,
+            "overlap": 1, "lsd_overlap": 1, "lag": int(lag)}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -83,7 +100,9 @@ def _tile_macros(D, LT, cp_async):
     return make
 
 
-def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
+def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
+    if lag and num_stages < 3:
+        raise ValueError("lag needs num_stages >= 3 (a slot stays read by the last step's GEMMs)")
     if not supports(head_dim, dtype):
         raise ValueError(f"the wgmma backward needs fp16/bf16 and head dim 64 or 128, got {dtype} d={head_dim}")
     if num_wg not in (1, 2) or num_stages < 2:
@@ -94,7 +113,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
     # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
     # (head_dim/2); about 40 more for addresses and softmax state, within 255
-    if block_q * 3 // 2 + head_dim + 40 > 255 or block_n * 5 // 4 + head_dim // 2 + 40 > 255:
+    if block_q * 3 // 2 + head_dim + 30 > 255 or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024
     smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024
@@ -103,12 +122,18 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages):
 
 
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
-                         block_n: int = 64, num_stages: int = 2, overlap: bool = True):
+                         block_n: int = 64, num_stages: int = 2, overlap: bool = True,
+                         lsd_overlap: bool = False, lag: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
-    the step's next GEMM (else every group is waited for at once: the first GPU-checked order)."""
-    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages)
+    the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
+    ``lsd_overlap``: the dK/dV kernel computes the next tile's LSE/delta (global loads) after
+    this step's first GEMMs are issued, not before.  ``lag``: a step's last GEMM (dK, dQ) is
+    left running into the next step (waited for with that step's S); the ring then prefetches
+    ``num_stages - 2`` tiles ahead, so the slot those GEMMs read is not refilled."""
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
+    PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
     NT = 128 * NWG
     BM = 64 * NWG  # keys per dK/dV CTA; queries per dQ CTA
     NP = D // 64
@@ -191,11 +216,11 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1 << sh, 32, 32)
         if tx % TPR == 0:
             if qrow < Sq:
-                lsd[buf * 2 * BQ + tx // TPR] = lse[bz, hq_t, qrow] * T.float32(LOG2E)
-                lsd[buf * 2 * BQ + BQ + tx // TPR] = red[0] - dlse[bz, hq_t, qrow]
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx // TPR]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx // TPR]), red[0] - dlse[bz, hq_t, qrow])
             else:
-                lsd[buf * 2 * BQ + tx // TPR] = T.float32(INF)
-                lsd[buf * 2 * BQ + BQ + tx // TPR] = T.float32(0)
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx // TPR]), T.float32(INF))
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx // TPR]), T.float32(0))
 
     @body_macro
     def load_qdo(t, slot):
@@ -212,8 +237,14 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         wg_fence()
         issue_ss(ss_q, s, SQ_ACC, desc[0], desc[2], slot, Q_PANEL)
         issue_ss(ss_q, dp, SQ_ACC, desc[1], desc[3], slot, Q_PANEL)
-        wg_wait(1 if overlap else 0)  # S^T complete
+        if lsd_overlap:
+            if t + 1 < n_t:
+                lse_delta(t + 1, (t + 1) % 2)
+        wg_wait(1 if overlap else 0)  # S^T complete (and, with lag, the last step's dV, dK)
         pin_all(s, SQ_ACC)
+        if lag:
+            pin_all(dv_acc, DV_ACC)
+            pin_all(dk_acc, DV_ACC)
         q0 = (i0 + t % n_qt) * BQ
         for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
             idx = nt * 4 + hh * 2 + e2
@@ -233,9 +264,10 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         pack_frag(pd, dp, KQ)
         wg_fence()
         issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
-        wg_wait(0)
-        pin_all(dv_acc, DV_ACC)
-        pin_all(dk_acc, DV_ACC)
+        if not lag:
+            wg_wait(0)
+            pin_all(dv_acc, DV_ACC)
+            pin_all(dk_acc, DV_ACC)
 
     # fmt: off
     @T.prim_func
@@ -297,23 +329,27 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[5]), T.address_of(smem[DK_DO_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
                         load_m(smem, k, bz, hk, Sk, m0, DK_K_OFF, tx)
                         load_m(smem, v, bz, hk, Sk, m0, DK_V_OFF, tx)
-                        for st in T.unroll(NS - 1):
+                        for st in T.unroll(PF):
                             if st < n_t:
                                 load_qdo(st, st)
                             commit()
                         if n_t > 0:
                             lse_delta(0, 0)
                         for t in T.serial(n_t):
-                            wait_group(NS - 2)  # tile t (and K, V) landed: own copies
+                            wait_group(PF - 1)  # tile t (and K, V) landed: own copies
                             fence_proxy()
                             T.tvm_storage_sync("shared")  # everyone's; everyone past step t-1
-                            if t + NS - 1 < n_t:
-                                load_qdo(t + NS - 1, (t + NS - 1) % NS)
+                            if t + PF < n_t:
+                                load_qdo(t + PF, (t + PF) % NS)
                             commit()
-                            if t + 1 < n_t:
-                                lse_delta(t + 1, (t + 1) % 2)
+                            if not lsd_overlap:
+                                if t + 1 < n_t:
+                                    lse_delta(t + 1, (t + 1) % 2)
                             dkdv_step(t, t % NS, t % 2)
                         wait_group(0)  # no copy in flight at exit (K, V are never waited for when n_t == 0)
+                        wg_wait(0)
+                        pin_all(dv_acc, DV_ACC)
+                        pin_all(dk_acc, DV_ACC)
                         store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
 
@@ -332,8 +368,10 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         wg_fence()
         issue_ss(ss_n, s, SN_ACC, desc[0], desc[2], slot, N_PANEL)
         issue_ss(ss_n, dp, SN_ACC, desc[1], desc[3], slot, N_PANEL)
-        wg_wait(1 if overlap else 0)  # S complete
+        wg_wait(1 if overlap else 0)  # S complete (and, with lag, the last step's dQ)
         pin_all(s, SN_ACC)
+        if lag:
+            pin_all(dq_acc, DV_ACC)
         n0 = j * BN
         for nt, hh, e2 in T.grid(BN // 8, 2, 2):
             idx = nt * 4 + hh * 2 + e2
@@ -348,8 +386,9 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         pack_frag(pd, dp, KN)
         wg_fence()
         issue_rs(dq_acc, pd, desc[4], slot, N_PANEL, KN)
-        wg_wait(0)
-        pin_all(dq_acc, DV_ACC)
+        if not lag:
+            wg_wait(0)
+            pin_all(dq_acc, DV_ACC)
 
     @T.prim_func
     def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
@@ -403,7 +442,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DQ_K_OFF]), (N_PANEL * 2) >> 4, SBO, 3)
                         load_m(smem, q, bz, hq, Sq, m0, DQ_Q_OFF, tx)
                         load_m(smem, do, bz, hq, Sq, m0, DQ_DO_OFF, tx)
-                        for st in T.unroll(NS - 1):
+                        for st in T.unroll(PF):
                             if st < n_blk:
                                 load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
                                 load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
@@ -421,15 +460,17 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                             rl[hh] = T.if_then_else(row < Sq, lse[bz, hq, T.min(row, Sq - 1)] * T.float32(LOG2E), T.float32(INF))
                             rd[hh] = T.if_then_else(row < Sq, red[0] - dlse[bz, hq, T.min(row, Sq - 1)], T.float32(0))
                         for j in T.serial(n_blk):
-                            wait_group(NS - 2)
+                            wait_group(PF - 1)
                             fence_proxy()
                             T.tvm_storage_sync("shared")
-                            if j + NS - 1 < n_blk:
-                                load_n(smem, k, bz, hk, Sk, (j + NS - 1) * BN, DQ_K_OFF + ((j + NS - 1) % NS) * NP * N_PANEL, tx)
-                                load_n(smem, v, bz, hk, Sk, (j + NS - 1) * BN, DQ_V_OFF + ((j + NS - 1) % NS) * NP * N_PANEL, tx)
+                            if j + PF < n_blk:
+                                load_n(smem, k, bz, hk, Sk, (j + PF) * BN, DQ_K_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
+                                load_n(smem, v, bz, hk, Sk, (j + PF) * BN, DQ_V_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
                             commit()
                             dq_step(j, j % NS)
                         wait_group(0)
+                        wg_wait(0)
+                        pin_all(dq_acc, DV_ACC)
                         store_rows(dq_acc, dq32, Hq, Sq, bz, hq, m0, scale)
     # fmt: on
     return flash_bwd_dkdv, flash_bwd_dq
@@ -437,7 +478,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     """{"flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward."""
-    k = {**default_knobs_backward(head_dim), **knobs}
-    k["overlap"] = bool(k["overlap"])
+    k = {**default_knobs_backward(head_dim, causal), **knobs}
+    for name in ("overlap", "lsd_overlap", "lag"):
+        k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}

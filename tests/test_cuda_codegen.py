@@ -85,10 +85,11 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
 
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: a block_q whose rows do
-    not split the threads evenly (LSE/delta would be summed wrongly), registers past 255."""
+    not split the threads evenly (LSE/delta would be summed wrongly), ``lag`` without a third
+    ring slot (the slot its running GEMMs read would be refilled)."""
     from schedules import cuda_wgmma_bwd
 
-    for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"block_q": 64, "block_n": 64}):
+    for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"lag": 1, "num_stages": 2}):
         with pytest.raises(ValueError):
             cuda_wgmma_bwd.flash_backward_wgmma(128, "bfloat16", False, **bad)
     cuda_wgmma_bwd.flash_backward_wgmma(64, "float16", True, block_q=64)
