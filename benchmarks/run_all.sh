@@ -66,7 +66,8 @@ echo "run_all: out $OUT, budget ${BUDGET_S}s, $($PY --version 2>&1), $(command -
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null \
     | tee "$LOGS/gpu.txt"
 
-step fa_sweep 200 60 "$PY" benchmarks/bench_forward.py --sweep fa --dtype both --out "$RESULTS"
+step fa_sweep 200 60 "$PY" benchmarks/bench_forward.py --sweep fa --dtype both --out "$RESULTS" \
+    --impls tvm_flash,naive,naive_eager,sdpa_flash,sdpa_cudnn,sdpa_mem_eff
 OCC_LEFT=$(( BUDGET_S - REPORT_S - $(elapsed) ))
 OCC_BUDGET=$(( (OCC_LEFT < 150 ? OCC_LEFT : 150) - 10 ))
 step occupancy 150 40 "$PY" benchmarks/occupancy.py --out "$RESULTS" --budget "$OCC_BUDGET"
