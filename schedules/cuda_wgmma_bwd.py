@@ -18,8 +18,9 @@ every query head of the group stream through a ``num_stages`` ring::
     dS^T = P^T * (dP^T - delta)  (delta = rowsum(dO * O) - dLSE, per query)
     dV  += P^T dO ; dK += dS^T Q (A: packed P^T / dS^T registers, B: dO / Q MN-major)
 
-LSE and delta of the next (Q, dO) tile are computed into shared memory while the current one
-runs.  ``flash_bwd_dq``: one CTA per (query tile of ``64 * num_wg`` rows, query head, batch); Q
+delta comes from a first pass, ``flash_bwd_prep`` (once per query row, as FA2's preprocessing
+kernel; the two kernels take it in place of dLSE); LSE and delta of the next (Q, dO) tile are
+staged in shared memory while the current one runs.  ``flash_bwd_dq``: one CTA per (query tile of ``64 * num_wg`` rows, query head, batch); Q
 and dO stay, (K, V) tiles of ``block_n`` keys stream through the ring::
 
     S = Q K^T ; dP = dO V^T ; P = exp2(S * scale*log2e - LSE*log2e) ; dS = P * (dP - delta)
@@ -64,14 +65,14 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
-    """dK/dV: 2 warpgroups (128 keys), 64 queries per step at hd64, 32 at hd128 (registers:
-    dK + dV accumulators take head_dim per thread); dQ: 2 warpgroups (128 rows), 64 keys.
-    ``lsd_overlap`` on (+3..8% on the H200, perf-notes backward v2); ``lag`` with a 3-slot ring
-    only at hd128 without causal masking (+3% there; elsewhere ptxas serializes the wgmmas or
-    it loses)."""
+    """dK/dV: 2 warpgroups (128 keys), 64 queries per step (at hd128 the dK + dV accumulators
+    take 128 registers per thread: 234-254 in all, no spill); dQ: 2 warpgroups (128 rows), 64
+    keys per step, 128 at hd128 with causal masking.  ``lsd_overlap`` on; ``lag`` (3-slot ring)
+    at hd128 without causal masking only: +5% there, a loss at hd64, and with causal masking
+    ptxas serializes the wgmmas (H200 sweeps, perf-notes backward v2)."""
     lag = head_dim > 64 and not causal
-    return {"num_wg": 2, "block_q": 64 if head_dim <= 64 else 32, "block_n": 64, "num_stages": 3 if lag else 2,
-            "overlap": 1, "lsd_overlap": 1, "lag": int(lag)}
+    return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
+            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag)}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -108,7 +109,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
     if num_wg not in (1, 2) or num_stages < 2:
         raise ValueError("num_wg must be 1 or 2 and num_stages >= 2")
     if block_q not in (16, 32, 64) or block_n % 16 or not 16 <= block_n <= 128:
-        # block_q: 128 * num_wg threads compute LSE/delta, an equal power-of-two share per query row
+        # block_q: the k16 steps of dV / dK and the packing of P^T, dS^T (pairs of 8-column groups)
         raise ValueError("block_q must be 16, 32 or 64, block_n a multiple of 16 in [16, 128]")
     # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
@@ -198,29 +199,19 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DK_Q_OFF = 2 * NP * M_PANEL
     DK_DO_OFF = DK_Q_OFF + NS * NP * Q_PANEL
     DK_SMEM = DK_DO_OFF + NS * NP * Q_PANEL
-    TPR = NT // BQ  # threads per query row computing LSE / delta
-    assert NT % BQ == 0 and TPR <= 32
-
     @body_macro
     def lse_delta(t, buf):
-        # LSE*log2e and delta = rowsum(dO * O) - dLSE of (Q, dO) tile t into lsd[buf]; +inf / 0
-        # past Sq (P = 0 there).  TPR consecutive threads per query row, shuffle-reduced.
+        # LSE*log2e and delta of (Q, dO) tile t into lsd[buf] (thread i: query row i of the
+        # tile); +inf / 0 past Sq (P = 0 there)
         hq_t = hk * G + t // n_qt
-        qrow = (i0 + t % n_qt) * BQ + tx // TPR
-        red[0] = T.float32(0)
-        if qrow < Sq:
-            for d in T.serial(D // TPR):
-                red[0] = red[0] + T.Cast("float32", do[bz, hq_t, qrow, d * TPR + tx % TPR]) * T.Cast(
-                    "float32", o[bz, hq_t, qrow, d * TPR + tx % TPR])
-        for sh in T.unroll(int(math.log2(TPR))):
-            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1 << sh, 32, 32)
-        if tx % TPR == 0:
+        qrow = (i0 + t % n_qt) * BQ + tx
+        if tx < BQ:
             if qrow < Sq:
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx // TPR]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx // TPR]), red[0] - dlse[bz, hq_t, qrow])
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx]), delta[bz, hq_t, qrow])
             else:
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx // TPR]), T.float32(INF))
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx // TPR]), T.float32(0))
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx]), T.float32(INF))
+                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx]), T.float32(0))
 
     @body_macro
     def load_qdo(t, slot):
@@ -272,7 +263,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     # fmt: off
     @T.prim_func
     def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
-                       lse_h: T.handle, dlse_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
+                       lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
         T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
         B = T.int32()
         Hq = T.int32()
@@ -285,7 +276,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
         do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
         lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
-        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
         dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
         dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
         dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
@@ -303,7 +294,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         dv_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
                         dk_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
                         desc = T.alloc_buffer((6,), "uint64", scope="local")
-                        red = T.alloc_buffer((1,), "float32", scope="local")
                         pk = T.alloc_buffer((1,), "uint32", scope="local")
                         G = Hq // Hkv
                         m0 = bx * BM
@@ -392,7 +382,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 
     @T.prim_func
     def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
-                     lse_h: T.handle, dlse_h: T.handle, dq_h: T.handle, scale: T.float32):
+                     lse_h: T.handle, delta_h: T.handle, dq_h: T.handle, scale: T.float32):
         T.func_attr({"global_symbol": "flash_bwd_dq", "tirx.noalias": True})
         B = T.int32()
         Hq = T.int32()
@@ -405,7 +395,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
         do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
         lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
-        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
         dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
         dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
         for bx in T.thread_binding((Sq + BM - 1) // BM, thread="blockIdx.x"):
@@ -420,7 +410,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         desc = T.alloc_buffer((5,), "uint64", scope="local")
                         rl = T.alloc_buffer((2,), "float32", scope="local")
                         rd = T.alloc_buffer((2,), "float32", scope="local")
-                        red = T.alloc_buffer((1,), "float32", scope="local")
                         pk = T.alloc_buffer((1,), "uint32", scope="local")
                         # causal: the heaviest query tiles first, as the forward
                         m0 = T.if_then_else(causal, (Sq + BM - 1) // BM - 1 - bx, bx) * BM
@@ -447,18 +436,11 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                                 load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
                                 load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
                             commit()
-                        # this thread's two rows: LSE*log2e and delta = rowsum(dO * O) - dLSE (quad-reduced)
+                        # this thread's two rows: LSE*log2e and delta
                         for hh in T.unroll(2):
                             row = m0 + wg * 64 + warp * 16 + g + hh * 8
-                            red[0] = T.float32(0)
-                            if row < Sq:
-                                for d in T.serial(D // 4):
-                                    red[0] = red[0] + T.Cast("float32", do[bz, hq, row, d * 4 + t4]) * T.Cast(
-                                        "float32", o[bz, hq, row, d * 4 + t4])
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
-                            red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
                             rl[hh] = T.if_then_else(row < Sq, lse[bz, hq, T.min(row, Sq - 1)] * T.float32(LOG2E), T.float32(INF))
-                            rd[hh] = T.if_then_else(row < Sq, red[0] - dlse[bz, hq, T.min(row, Sq - 1)], T.float32(0))
+                            rd[hh] = T.if_then_else(row < Sq, delta[bz, hq, T.min(row, Sq - 1)], T.float32(0))
                         for j in T.serial(n_blk):
                             wait_group(PF - 1)
                             fence_proxy()
@@ -476,10 +458,50 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     return flash_bwd_dkdv, flash_bwd_dq
 
 
+def delta_pass(head_dim: int, dtype: str):
+    """``flash_bwd_prep(o, do, dlse, delta)``: delta = rowsum(dO * O) - dLSE in fp32, once per
+    query row (FA2's preprocessing kernel; the dK/dV kernel would otherwise recompute it in
+    every key-tile CTA).  8 threads per row, each summing every 8th element, shuffle-reduced."""
+    D, TPR, NT = head_dim, 8, 256
+    ROWS = NT // TPR
+
+    # fmt: off
+    @T.prim_func
+    def flash_bwd_prep(o_h: T.handle, do_h: T.handle, dlse_h: T.handle, delta_h: T.handle):
+        T.func_attr({"global_symbol": "flash_bwd_prep", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Sq = T.int32()
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        dlse = T.match_buffer(dlse_h, (B, Hq, Sq), "float32")
+        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
+        o1 = T.decl_buffer((B * Hq * Sq * D,), dtype, data=o.data)
+        do1 = T.decl_buffer((B * Hq * Sq * D,), dtype, data=do.data)
+        dlse1 = T.decl_buffer((B * Hq * Sq,), "float32", data=dlse.data)
+        delta1 = T.decl_buffer((B * Hq * Sq,), "float32", data=delta.data)
+        for bx in T.thread_binding((B * Hq * Sq + ROWS - 1) // ROWS, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                red = T.alloc_buffer((1,), "float32", scope="local")
+                row = bx * ROWS + tx // TPR
+                red[0] = T.float32(0)
+                if row < B * Hq * Sq:
+                    for d in T.unroll(D // TPR):
+                        red[0] = red[0] + T.Cast("float32", do1[row * D + d * TPR + tx % TPR]) * T.Cast(
+                            "float32", o1[row * D + d * TPR + tx % TPR])
+                for sh in T.unroll(3):
+                    red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1 << sh, 32, 32)
+                if tx % TPR == 0 and row < B * Hq * Sq:
+                    delta1[row] = red[0] - dlse1[row]
+    # fmt: on
+    return flash_bwd_prep
+
+
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
-    """{"flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward."""
+    """{"flash_bwd_prep": ..., "flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward
+    (the last two take delta from the first in place of dLSE)."""
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     for name in ("overlap", "lsd_overlap", "lag"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
-    return {"flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}
+    return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}

@@ -60,10 +60,10 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     assert len(spills) == 2 and max(spills) <= 64, res.stderr
 
 
-@pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (128, "float16", True)])
+@pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (128, "float16", True), (128, "bfloat16", False)])
 def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     """On sm_90a, fp16/bf16 at head dims 64/128 get the wgmma backward (others the FFMA one); both
-    of its kernels assemble with no spill and no serialized wgmma."""
+    of its kernels (and the delta pass) assemble with no spill and no serialized wgmma."""
     import tvm
 
     from tvm_flash.build import Workload, backward_schedule_module, make_target
@@ -75,12 +75,13 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
         assert backward_schedule_module(target, other).__name__.endswith("cuda_simt")
     assert backward_schedule_module(make_target("cuda", "sm_90"), Workload(d, dtype, causal)).__name__.endswith("cuda_simt")
     funcs = sched.schedule_backward(d, dtype, causal)
+    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
     res = _nvcc(tmp_path, src, SM90A)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert len(frames) == 2 and all(f == ("0", "0") for f in frames), res.stderr
+    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
 
 
 def test_wgmma_backward_knob_rules():

@@ -13,7 +13,7 @@ import torch
 
 from conftest import DTYPE_NAMES, gpu
 from test_backward_cpu import grad_bounds, make, ours_grads, ref_grads
-from tvm_flash.ops import _backward_kernels
+from tvm_flash.ops import _backward_into, _backward_kernels
 from tvm_flash.workload import Workload
 
 pytestmark = gpu
@@ -44,11 +44,10 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 
     scale = 1 / math.sqrt(d)
     out, lse = _forward(qc, kc, vc, causal, scale)
-    dkdv, dq_fn = _backward_kernels("cuda", qc.device.index, Workload(d, DTYPE_NAMES[dtype], causal))
+    kernels = _backward_kernels("cuda", qc.device.index, Workload(d, DTYPE_NAMES[dtype], causal))
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (qc, kc, vc))
     grad_lse = (dlse if dlse is not None else torch.zeros(b, hq, sq)).cuda()
-    dkdv(qc, kc, vc, out, doc, lse, grad_lse, dk, dv, scale)
-    dq_fn(qc, kc, vc, out, doc, lse, grad_lse, dq, scale)
+    _backward_into(kernels, qc, kc, vc, out, doc, lse, grad_lse, dq, dk, dv, scale)
     torch.cuda.synchronize()
     for name, a, r, bound in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, grad_bounds(q, k, v, do, causal, ref, "cuda")):
         assert not torch.isnan(a).any(), f"{name}: elements not written (NaN poison left)"

@@ -136,9 +136,11 @@ def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | 
 
 
 def get_backward_kernels(workload: Workload, target: tvm.target.Target):
-    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload (``compute_backward``), from memory,
-    disk or a fresh build (CPU: ``schedules.cpu``; CUDA: ``schedules.cuda_wgmma_bwd`` on
-    sm_90a for fp16/bf16 at head dims 64/128, else ``schedules.cuda_simt``)."""
+    """``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload
+    (``compute_backward``), from memory, disk or a fresh build (CPU: ``schedules.cpu``; CUDA:
+    ``schedules.cuda_wgmma_bwd`` on sm_90a for fp16/bf16 at head dims 64/128, else
+    ``schedules.cuda_simt``).  A module with ``flash_bwd_prep`` (delta = rowsum(dO * O) - dLSE)
+    wants it run first and its delta passed in place of dLSE: ``ops._backward_into``."""
     sched = backward_schedule_module(target, workload)
     key = cache_key(workload, target, None, backward=True)
     with _lock:
@@ -146,7 +148,8 @@ def get_backward_kernels(workload: Workload, target: tvm.target.Target):
         if fns is None:
             funcs = sched.schedule_backward(workload.head_dim, workload.dtype, workload.causal)
             mod = _load_or_build(key, workload, target, lambda: tvm.compile(tvm.IRModule(funcs), target=target))
-            fns = _memory[key] = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"])
+            prep = mod["flash_bwd_prep"] if "flash_bwd_prep" in funcs else None
+            fns = _memory[key] = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"], prep)
     return fns
 
 

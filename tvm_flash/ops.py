@@ -138,9 +138,12 @@ def _flash_fwd_fake(q, k, v, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def _backward_kernels(device_type: str, device_index, workload: Workload):
-    """``(flash_bwd_dkdv, flash_bwd_dq)`` for a workload on a device: LLVM on the CPU; on a GPU
-    the wgmma kernels (Hopper, fp16/bf16, head dims 64/128) or the plain FFMA ones."""
+    """``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload on a device:
+    LLVM on the CPU; on a GPU the wgmma kernels (Hopper, fp16/bf16, head dims 64/128; with a
+    delta pass) or the plain FFMA ones; looked up once per process (the build cache's key costs
+    ~0.1 ms of host time).  Run them with ``_backward_into``."""
     if device_type not in ("cpu", "cuda"):
         raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
     try:
@@ -164,12 +167,23 @@ def flash_bwd(
     q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
     lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
     dtype = str(q.dtype).removeprefix("torch.")
-    dkdv, dq_fn = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
+    kernels = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with _on_device(q.device):
-        dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, float(scale))
-        dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, float(scale))
+        _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, float(scale))
     return dq, dk, dv
+
+
+def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale: float):
+    """Run ``_backward_kernels``' kernels into dq, dk, dv: the delta pass first where there is
+    one (its delta = rowsum(dO * O) - dLSE then takes dLSE's place), then dK/dV and dQ."""
+    dkdv, dq_fn, prep = kernels
+    if prep is not None:
+        delta = torch.empty_like(lse)
+        prep(out, grad_out, grad_lse, delta)
+        grad_lse = delta
+    dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, scale)
+    dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, scale)
 
 
 @flash_bwd.register_fake
