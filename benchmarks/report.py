@@ -33,14 +33,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MIB = 1 << 20
 
-IMPLS = ("tvm_flash", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff")
+IMPLS = ("tvm_flash", "naive", "naive_eager", "sdpa_flash", "sdpa_cudnn", "sdpa_mem_eff")
 OTHERS = IMPLS[1:]
-LABEL = {"tvm_flash": "tvm_flash", "naive": "naive", "sdpa_flash": "SDPA flash (FA2)",
+LABEL = {"tvm_flash": "tvm_flash", "naive": "naive", "naive_eager": "naive, fp32 softmax (HF eager)", "sdpa_flash": "SDPA flash (FA2)",
          "sdpa_cudnn": "SDPA cuDNN", "sdpa_mem_eff": "SDPA mem-efficient"}
-SHORT = {"tvm_flash": "tvm_flash", "naive": "naive", "sdpa_flash": "FA2",
+SHORT = {"tvm_flash": "tvm_flash", "naive": "naive", "naive_eager": "eager", "sdpa_flash": "FA2",
          "sdpa_cudnn": "cuDNN", "sdpa_mem_eff": "mem-eff"}
 STYLE = {"tvm_flash": dict(color="#d62728", marker="o", lw=2.4),
          "naive": dict(color="#7f7f7f", marker="x", lw=1.4, ls="--"),
+         "naive_eager": dict(color="#bcbd22", marker="+", lw=1.2, ls=":"),
          "sdpa_flash": dict(color="#1f77b4", marker="s", lw=1.6),
          "sdpa_cudnn": dict(color="#2ca02c", marker="^", lw=1.6),
          "sdpa_mem_eff": dict(color="#9467bd", marker="v", lw=1.4)}
