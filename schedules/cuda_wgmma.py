@@ -53,7 +53,7 @@ from tvm_flash.compute import LN2, LOG2E
 
 from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
 
-__all__ = ["supports", "default_knobs", "schedule", "forward_wgmma", "smem_bytes"]
+__all__ = ["supports", "default_knobs", "short_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
 # mbarriers (warp-specialized variant): init, wait for a phase parity, arrive, arrive once this
 # thread's cp.async copies have landed.  name -> (extra C parameter, PTX, asm operands); the
@@ -616,6 +616,18 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     if head_dim <= 192:
         return {**ws, "block_n": 64, "num_stages": 3, "pingpong": int(not causal)}
     return {**ws, "block_n": 48, "num_stages": 3}
+
+
+def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
+    """Knobs for key lengths up to ``tvm_flash.ops._SHORT_SEQ`` (1024; ops picks the kernel per
+    call), where a CTA's fixed cost (Q tile, epilogue)
+    weighs most, or None (the defaults serve every length).  hd64: one warpgroup per CTA
+    (64-row query tiles, twice the CTAs, 2-3 resident per SM): kernel alone on the H200, bf16,
+    16k tokens, seq 512 / 1024: 332 / 367 vs 317 / 339 TFLOP/s non-causal, 242 / 298 vs 198 /
+    273 causal; even at 2048, behind from 4096 (perf-notes v6)."""
+    if head_dim <= 64:
+        return {**default_knobs(head_dim, dtype, causal), "num_wg": 1, "block_n": 64, "num_stages": 3 if causal else 2}
+    return None
 
 
 def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:

@@ -121,6 +121,28 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_wgmma_short_sequence_kernel_compiles(tmp_path, causal):
+    """The kernel ops picks for key lengths <= 1024 at head dim 64 (``short_knobs``: one warpgroup
+    per CTA) assembles without spill or serialized wgmma; other head dims have none."""
+    import tvm
+
+    from tvm_flash.build import Workload, make_target, schedule_module, scheduled_func
+
+    target = make_target("cuda", "sm_90a")
+    wl = Workload(64, "bfloat16", causal)
+    sched = schedule_module(target, wl)
+    knobs = sched.short_knobs(64, "bfloat16", causal)
+    assert knobs["num_wg"] == 1 and knobs != sched.default_knobs(64, "bfloat16", causal)
+    assert sched.short_knobs(128, "bfloat16", causal) is None
+    src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target, knobs)}), target=target).mod.imports[0].inspect_source()
+    res = _nvcc(tmp_path, src, SM90A)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert frame and frame.groups() == ("0", "0"), res.stderr
+
+
 def test_wgmma_knobs_that_would_spill_are_rejected():
     """Knob sets whose accumulators exceed the register budget of their thread count are
     refused before a build (ptxas spilled 0.4-1.7 KB on each of these: review of session 4)."""

@@ -53,6 +53,8 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"ws": 1, "overlap": 1, "pingpong": 0, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # no ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # ping-pong, 2 slots
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
+    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 2}),  # short sequences (non-causal)
+    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 3}),  # short sequences (causal)
 ]
 
 

@@ -95,16 +95,23 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+# key lengths up to this run the schedule's kernel for short sequences where it has one
+# (``short_knobs``: schedules/cuda_wgmma.py at head dim 64)
+_SHORT_SEQ = 1024
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(device_type: str, device_index, workload: Workload):
+def _kernel(device_type: str, device_index, workload: Workload, short: bool = False):
     """The kernel for a workload on a device (looked up once per process): an exported
-    kernel loaded by ``tvm_flash.load`` when there is one, else a cached or fresh build."""
+    kernel loaded by ``tvm_flash.load`` when there is one, else a cached or fresh build.
+    ``short`` (key length <= ``_SHORT_SEQ``): the schedule's ``short_knobs`` when it has them
+    (the Hopper kernel at head dim 64), else the same kernel as for any length."""
     arch = _cuda_arch(device_index) if device_type == "cuda" else ""
     kernel = runtime.exported_kernel(device_type, arch, workload)
     if kernel is not None:
         return kernel
     try:
-        from .build import get_kernel, make_target  # imports the TVM compiler
+        from .build import get_kernel, make_target, schedule_module  # imports the TVM compiler
     except ImportError as err:
         raise RuntimeError(
             f"tvm_flash: no exported kernel loaded for {workload.name} on {device_type} {arch}, and building one "
@@ -112,6 +119,12 @@ def _kernel(device_type: str, device_index, workload: Workload):
         ) from err
     # built here for this machine: the host CPU's vector instructions (AVX-512 ...) on the CPU
     target = make_target("llvm", "host") if device_type == "cpu" else make_target("cuda", arch)
+    if short:
+        sched = schedule_module(target, workload)
+        knobs = getattr(sched, "short_knobs", lambda *_: None)(workload.head_dim, workload.dtype, workload.causal)
+        if knobs is not None:
+            return get_kernel(workload, target, knobs)
+        return _kernel(device_type, device_index, workload)
     return get_kernel(workload, target)
 
 
@@ -121,7 +134,7 @@ def _forward(q, k, v, causal: bool, scale: float):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     dtype = str(q.dtype).removeprefix("torch.")
-    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
+    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), k.shape[2] <= _SHORT_SEQ)
     with _on_device(q.device):
         kernel(q, k, v, out, lse, float(scale))
     return out, lse
