@@ -245,14 +245,22 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
         # S = Q Kᵀ into p, dP = dO Vᵀ into ds (vector FMAs across keys, RB rows per block), then
         # P = exp(scale S - LSE) and dS = P (dP - delta), masked entries 0
         for io in T.serial(BM // RB):
+            # S, then dP: one product's RB x BN accumulators at a time stay in vector registers
+            # (both at once spilled to the stack, whose random sub-page offset then made the
+            # kernel's time bimodal across processes: 4K aliasing with the tiles' loads)
             for ii in T.unroll(RB):
                 for j in T.vectorized(BN):
                     p[io * RB + ii, j] = T.float32(0)
-                    ds[io * RB + ii, j] = T.float32(0)
             for d in T.serial(D):
                 for ii in T.unroll(RB):
                     for j in T.vectorized(BN):
                         p[io * RB + ii, j] = p[io * RB + ii, j] + qs2[io * RB + ii, d] * kt[d, j]
+            for ii in T.unroll(RB):
+                for j in T.vectorized(BN):
+                    ds[io * RB + ii, j] = T.float32(0)
+            for d in T.serial(D):
+                for ii in T.unroll(RB):
+                    for j in T.vectorized(BN):
                         ds[io * RB + ii, j] = ds[io * RB + ii, j] + dos[io * RB + ii, d] * vt[d, j]
         for i in T.serial(BM):
             for j in T.vectorized(BN):
@@ -338,20 +346,28 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                     # fp32 rounding chains over long sequences and large GQA groups (one chain
                     # of 64 rows gave dV 1.08e-5 against float64 at |dV| = 34: 148 rows of a
                     # single key; torch 0.87e-5)
+                    # (dV, then dK: one product's RBO x D accumulators at a time stay in registers)
                     for jo in T.serial(BN // RBO):
                         for ih in T.serial(2):
                             for jj in T.unroll(RBO):
                                 for d in T.vectorized(D):
                                     dvp[jj, d] = T.float32(0)
-                                    dkp[jj, d] = T.float32(0)
                             for i in T.serial(BM // 2):
                                 for jj in T.unroll(RBO):
                                     for d in T.vectorized(D):
                                         dvp[jj, d] = dvp[jj, d] + p[ih * (BM // 2) + i, jo * RBO + jj] * dos[ih * (BM // 2) + i, d]
-                                        dkp[jj, d] = dkp[jj, d] + ds[ih * (BM // 2) + i, jo * RBO + jj] * qs[ih * (BM // 2) + i, d]
                             for jj in T.unroll(RBO):
                                 for d in T.vectorized(D):
                                     dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + dvp[jj, d]
+                            for jj in T.unroll(RBO):
+                                for d in T.vectorized(D):
+                                    dkp[jj, d] = T.float32(0)
+                            for i in T.serial(BM // 2):
+                                for jj in T.unroll(RBO):
+                                    for d in T.vectorized(D):
+                                        dkp[jj, d] = dkp[jj, d] + ds[ih * (BM // 2) + i, jo * RBO + jj] * qs[ih * (BM // 2) + i, d]
+                            for jj in T.unroll(RBO):
+                                for d in T.vectorized(D):
                                     dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + dkp[jj, d]
             for j in T.serial(BN):
                 if n0 + j < Sk:
