@@ -69,7 +69,9 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     take 128 registers per thread: 234-254 in all, no spill); dQ: 2 warpgroups (128 rows), 64
     keys per step, 128 at hd128 with causal masking.  ``lsd_overlap`` on; ``lag`` (3-slot ring)
     at hd128 without causal masking only: +5% there, a loss at hd64, and with causal masking
-    ptxas serializes the wgmmas (H200 sweeps, perf-notes backward v2)."""
+    ptxas serializes the dK/dV kernel's wgmmas (C7515; the dQ kernel stays clean, but both
+    kernels share ``num_stages`` and a 3-slot dQ ring of 128-key tiles at hd128 exceeds shared
+    memory) (H200 sweeps, perf-notes backward v2)."""
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag)}
@@ -113,7 +115,8 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
         raise ValueError("block_q must be 16, 32 or 64, block_n a multiple of 16 in [16, 128]")
     # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
-    # (head_dim/2); about 40 more for addresses and softmax state, within 255
+    # (head_dim/2); about 30 more for addresses and softmax state, within 255 (tight: hd128 with
+    # block_q 64 estimates 254; ptxas uses 240-251 there, no spill)
     if block_q * 3 // 2 + head_dim + 30 > 255 or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024

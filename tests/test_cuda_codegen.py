@@ -60,7 +60,7 @@ def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     assert len(spills) == 2 and max(spills) <= 64, res.stderr
 
 
-@pytest.mark.parametrize("d,dtype,causal", [(64, "bfloat16", False), (128, "float16", True), (128, "bfloat16", False)])
+@pytest.mark.parametrize("d,dtype,causal", [(d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)])
 def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     """On sm_90a, fp16/bf16 at head dims 64/128 get the wgmma backward (others the FFMA one); both
     of its kernels (and the delta pass) assemble with no spill and no serialized wgmma."""
@@ -85,8 +85,8 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
 
 
 def test_wgmma_backward_knob_rules():
-    """Tile shapes the backward cannot serve are refused before a build: a block_q whose rows do
-    not split the threads evenly (LSE/delta would be summed wrongly), ``lag`` without a third
+    """Tile shapes the backward cannot serve are refused before a build: block_q values that
+    are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third
     ring slot (the slot its running GEMMs read would be refilled)."""
     from schedules import cuda_wgmma_bwd
 
