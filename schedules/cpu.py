@@ -241,6 +241,33 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                 vt[d, j] = T.if_then_else(col0 + j < Sk, T.cast(v[b, hk, T.min(col0 + j, Sk - 1), d], "float32"), T.float32(0))
 
     @T.macro
+    def rb_matmul(acc, a, bt, r0, n):
+        # acc[r0:r0+RB, :n] = a[r0:r0+RB, :D] bt[:D, :n]: RB rows register-blocked, vector FMAs
+        # across the n columns
+        for rr in T.unroll(RB):
+            for c in T.vectorized(n):
+                acc[r0 + rr, c] = T.float32(0)
+        for d in T.serial(D):
+            for rr in T.unroll(RB):
+                for c in T.vectorized(n):
+                    acc[r0 + rr, c] = acc[r0 + rr, c] + a[r0 + rr, d] * bt[d, c]
+
+    @T.macro
+    def half_tile_sum(part, total, m, rows, jo, ih):
+        # total[jo*RBO:+RBO, :] += m[i, jo*RBO:+RBO]ᵀ rows[i, :] over query rows i of half ih of
+        # the tile, summed in part first (RBO key rows register-blocked, vector FMAs across D)
+        for jj in T.unroll(RBO):
+            for d in T.vectorized(D):
+                part[jj, d] = T.float32(0)
+        for i in T.serial(BM // 2):
+            for jj in T.unroll(RBO):
+                for d in T.vectorized(D):
+                    part[jj, d] = part[jj, d] + m[ih * (BM // 2) + i, jo * RBO + jj] * rows[ih * (BM // 2) + i, d]
+        for jj in T.unroll(RBO):
+            for d in T.vectorized(D):
+                total[jo * RBO + jj, d] = total[jo * RBO + jj, d] + part[jj, d]
+
+    @T.macro
     def p_ds(qs2, dos, kt, vt, dl, ls, p, ds, row0, col0, Sq, Sk):
         # S = Q Kᵀ into p, dP = dO Vᵀ into ds (vector FMAs across keys, RB rows per block), then
         # P = exp(scale S - LSE) and dS = P (dP - delta), masked entries 0
@@ -248,20 +275,8 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
             # S, then dP: one product's RB x BN accumulators at a time stay in vector registers
             # (both at once spilled to the stack, whose random sub-page offset then made the
             # kernel's time bimodal across processes: 4K aliasing with the tiles' loads)
-            for ii in T.unroll(RB):
-                for j in T.vectorized(BN):
-                    p[io * RB + ii, j] = T.float32(0)
-            for d in T.serial(D):
-                for ii in T.unroll(RB):
-                    for j in T.vectorized(BN):
-                        p[io * RB + ii, j] = p[io * RB + ii, j] + qs2[io * RB + ii, d] * kt[d, j]
-            for ii in T.unroll(RB):
-                for j in T.vectorized(BN):
-                    ds[io * RB + ii, j] = T.float32(0)
-            for d in T.serial(D):
-                for ii in T.unroll(RB):
-                    for j in T.vectorized(BN):
-                        ds[io * RB + ii, j] = ds[io * RB + ii, j] + dos[io * RB + ii, d] * vt[d, j]
+            rb_matmul(p, qs2, kt, io * RB, BN)
+            rb_matmul(ds, dos, vt, io * RB, BN)
         for i in T.serial(BM):
             for j in T.vectorized(BN):
                 p[i, j] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
@@ -274,20 +289,8 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
         # per block: K and V rows as loaded, Q and dO transposed once per task), then
         # Pᵀ = exp(scale Sᵀ - LSE) and dSᵀ = Pᵀ (dPᵀ - delta), masked entries 0
         for jo in T.serial(BN // RB):
-            for jj in T.unroll(RB):
-                for i in T.vectorized(BM):
-                    pt[jo * RB + jj, i] = T.float32(0)
-            for d in T.serial(D):
-                for jj in T.unroll(RB):
-                    for i in T.vectorized(BM):
-                        pt[jo * RB + jj, i] = pt[jo * RB + jj, i] + ks[jo * RB + jj, d] * qt[d, i]
-            for jj in T.unroll(RB):
-                for i in T.vectorized(BM):
-                    dst[jo * RB + jj, i] = T.float32(0)
-            for d in T.serial(D):
-                for jj in T.unroll(RB):
-                    for i in T.vectorized(BM):
-                        dst[jo * RB + jj, i] = dst[jo * RB + jj, i] + vs[jo * RB + jj, d] * dot[d, i]
+            rb_matmul(pt, ks, qt, jo * RB, BM)
+            rb_matmul(dst, vs, dot, jo * RB, BM)
         for j in T.serial(BN):
             for i in T.vectorized(BM):
                 pt[j, i] = T.if_then_else((row0 + i >= Sq) or (col0 + j >= Sk) or (causal and col0 + j > row0 + i),
@@ -349,26 +352,8 @@ def backward_vectorized(head_dim: int, dtype: str, causal: bool, *, block_m: int
                     # (dV, then dK: one product's RBO x D accumulators at a time stay in registers)
                     for jo in T.serial(BN // RBO):
                         for ih in T.serial(2):
-                            for jj in T.unroll(RBO):
-                                for d in T.vectorized(D):
-                                    dvp[jj, d] = T.float32(0)
-                            for i in T.serial(BM // 2):
-                                for jj in T.unroll(RBO):
-                                    for d in T.vectorized(D):
-                                        dvp[jj, d] = dvp[jj, d] + p[ih * (BM // 2) + i, jo * RBO + jj] * dos[ih * (BM // 2) + i, d]
-                            for jj in T.unroll(RBO):
-                                for d in T.vectorized(D):
-                                    dva[jo * RBO + jj, d] = dva[jo * RBO + jj, d] + dvp[jj, d]
-                            for jj in T.unroll(RBO):
-                                for d in T.vectorized(D):
-                                    dkp[jj, d] = T.float32(0)
-                            for i in T.serial(BM // 2):
-                                for jj in T.unroll(RBO):
-                                    for d in T.vectorized(D):
-                                        dkp[jj, d] = dkp[jj, d] + ds[ih * (BM // 2) + i, jo * RBO + jj] * qs[ih * (BM // 2) + i, d]
-                            for jj in T.unroll(RBO):
-                                for d in T.vectorized(D):
-                                    dka[jo * RBO + jj, d] = dka[jo * RBO + jj, d] + dkp[jj, d]
+                            half_tile_sum(dvp, dva, p, dos, jo, ih)
+                            half_tile_sum(dkp, dka, ds, qs, jo, ih)
             for j in T.serial(BN):
                 if n0 + j < Sk:
                     for d in T.vectorized(D):
