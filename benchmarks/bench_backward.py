@@ -112,7 +112,8 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     ms = do_bench(run, warmup=5, rep=50, return_mode="median")
     ms_dkdv = do_bench(lambda: kernels[0](q, k, v, out, dout, lse, dlse, dk, dv, scale), warmup=5, rep=50,
                        return_mode="median")  # dlse for delta: same time
-    return f"{flops / ms / 1e9:7.1f} TFLOP/s ({ms:.3f} ms = dK/dV {ms_dkdv:.3f} + dQ ~{ms - ms_dkdv:.3f}, grad err {err:.1e})"
+    return (f"{flops / ms / 1e9:7.1f} TFLOP/s ({ms:.3f} ms = dK/dV {ms_dkdv:.3f} + delta pass and dQ ~{ms - ms_dkdv:.3f}, "
+            f"grad err {err:.1e})")
 
 
 def _sdpa(q, k, v, causal, backend):
