@@ -2,18 +2,20 @@
 
 Hand measurement of a schedule's knobs, used to pick its ``default_knobs``.  The grid is
 the schedule module's ``KNOB_SPACE`` (``cuda_tc`` for fp16/bf16, ``cuda_ffma`` for fp32;
-``--knob NAME=V1,V2`` narrows it).  The settings are compiled in parallel worker
+``--knob NAME=V1,V2`` narrows it; ``--sets JSON`` gives an explicit list of knob dicts instead).  The settings are compiled in parallel worker
 processes into the disk cache, then each is checked against a float64 reference on one
 head (output poisoned first) and timed with triton's ``do_bench`` (median) at 16k tokens,
 hidden 2048.  Baselines in the same process: SDPA-flash (fp16/bf16), or naive
 matmul-softmax-matmul and SDPA's memory-efficient backend (fp32):
 
     python3 benchmarks/sweep_knobs.py --head-dim 128 --seq 4096 [--causal] [--dtype bf16|fp16|fp32]
+    python3 benchmarks/sweep_knobs.py --head-dim 128 --seq 512 --sets '[{}, {"num_wg": 1}]'
 """
 
 import argparse
 import concurrent.futures as cf
 import itertools
+import json
 import math
 import multiprocessing as mp
 
@@ -45,6 +47,7 @@ def main():
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=V1,V2", help="narrow one knob's values")
+    ap.add_argument("--sets", help="JSON list of knob dicts to time (over the defaults) instead of a grid")
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile processes")
     args = ap.parse_args()
     d, s = args.head_dim, args.seq
@@ -60,6 +63,8 @@ def main():
         name, values = spec.split("=")
         grid[name] = [int(x) for x in values.split(",")]
     settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if args.sets:
+        settings = json.loads(args.sets)
 
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
         errors = list(pool.map(_build, [(work, arch, kn) for kn in settings]))
