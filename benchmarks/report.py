@@ -84,8 +84,8 @@ def load(path: Path) -> dict | None:
 
 def kind_of(data: dict) -> str:
     meta = data["meta"]
-    if meta.get("kind") == "occupancy":
-        return "occupancy"
+    if meta.get("kind") in ("occupancy", "backward"):
+        return meta["kind"]
     args = meta.get("args") or {}
     if args.get("dtype") == "fp32" or any(p.get("dtype") == "fp32" for p in data["points"]):
         return "fp32"
@@ -101,7 +101,7 @@ def rank(data: dict) -> tuple:
 
 
 def discover(args) -> dict[str, dict]:
-    explicit = {k: getattr(args, k) for k in ("fa", "seed", "fp32", "occupancy")}
+    explicit = {k: getattr(args, k) for k in ("fa", "seed", "fp32", "occupancy", "backward")}
     found: dict[str, list[dict]] = {}
     paths = sorted(args.results.glob("*.json")) if args.results.is_dir() else []
     for path in paths:
@@ -279,7 +279,7 @@ def impls_in(points):
     return [n for n in IMPLS if n in present]
 
 
-def plot_tflops(points, dtype, card, path: Path):
+def plot_tflops(points, dtype, card, path: Path, what="Forward"):
     """TFLOP/s vs seq: one panel per (head dim, causal), one line per implementation."""
     plt = plt_module()
     pts = [p for p in points if p["dtype"] == dtype]
@@ -306,9 +306,9 @@ def plot_tflops(points, dtype, card, path: Path):
             if i == len(hds) - 1:
                 ax.set_xlabel("sequence length (batch = 16k tokens / seq)")
             if j == 0:
-                ax.set_ylabel("TFLOP/s (forward)")
+                ax.set_ylabel(f"TFLOP/s ({what.lower()})")
             ax.set_ylim(0, top * 1.06)
-    fig.suptitle(f"Forward attention TFLOP/s, {dtype}, {card}", fontsize=10)
+    fig.suptitle(f"{what} attention TFLOP/s, {dtype}, {card}", fontsize=10)
     fig.legend([handles[n] for n in IMPLS if n in handles], [LABEL[n] for n in IMPLS if n in handles],
                loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
@@ -406,8 +406,9 @@ def plot_grid(points, dtype, card, path: Path):
 
 def meta_rows(chosen):
     rows = []
-    names = {"fa": "FA sweep", "seed": "seed grid", "fp32": "fp32 subset", "occupancy": "occupancy"}
-    for k in ("fa", "seed", "fp32"):
+    names = {"fa": "FA sweep", "seed": "seed grid", "fp32": "fp32 subset", "occupancy": "occupancy",
+             "backward": "backward FA sweep"}
+    for k in ("fa", "seed", "fp32", "backward"):
         if k in chosen:
             m = chosen[k]["meta"]
             rows.append([names[k], f"`{Path(chosen[k]['path']).name}`", m.get("device"), m.get("torch"),
@@ -446,7 +447,7 @@ def section_commands(chosen, args, lines):
     lines += ["## Commands", "", "```bash"]
     if args.run_command:
         lines += ["# everything below, in one go:", args.run_command, ""]
-    for k in ("fa", "seed", "fp32", "occupancy"):
+    for k in ("fa", "seed", "fp32", "occupancy", "backward"):
         if k in chosen and chosen[k]["meta"].get("command"):
             lines.append(chosen[k]["meta"]["command"])
     lines.append(report_command(args))
@@ -751,6 +752,35 @@ OCC_COLUMNS = [("achieved occupancy %", M_ACHIEVED, "{:.1f}"), ("theoretical occ
                ("tensor pipe GMMA %", M_GMMA, "{:.1f}"), ("any tensor pipe %", M_TENSOR, "{:.1f}")]
 
 
+def section_backward(chosen, plots, md_dir, lines):
+    lines += ["## Backward (FlashAttention sweep)", ""]
+    if "backward" not in chosen:
+        lines += ["Not run (no backward result file: `benchmarks/bench_backward.py --sweep fa --out ...`).", ""]
+        return
+    data = chosen["backward"]
+    pts = data["points"]
+    lines += ["dQ, dK, dV: `out.backward(dout)` timed with the forward outside the timed region (median of "
+              "`do_bench`), TFLOP/s with the FlashAttention papers' count, 2.5 × the forward's "
+              "4·B·H·S²·D (halved when causal). Same shapes as the forward sweep. Accuracy: max abs "
+              "error of each gradient against float64 on batch 0, head 0 (ok: tvm_flash ≤ 2× SDPA's "
+              f"default backend in the same dtype). File `{Path(data['path']).name}`, "
+              f"{data['meta'].get('device')}, git {data['meta'].get('git_commit')}, {data['meta'].get('date')}.", ""]
+    rows = []
+    for (dt, d, c), mem in groups(pts).items():
+        tf = vals(res(p, "tvm_flash")["tflops"] for p in mem if ok(res(p, "tvm_flash")))
+        rows.append([dt, d, yesno(c), len(mem), f(median(tf), "{:.1f}"),
+                     *(spread([speedup(p, o) for p in mem]) for o in ("sdpa_flash", "sdpa_cudnn")),
+                     f"{sum(bool(p.get('accuracy') and p['accuracy'].get('ok')) for p in mem)}/{len(mem)}"])
+    lines += md_table(["dtype", "D", "causal", "points", "tvm_flash TF/s (median)", "× FA2 geomean (min–max)",
+                       "× cuDNN geomean (min–max)", "accuracy ok"], rows)
+    lines += [""]
+    for dt in sorted({p["dtype"] for p in pts}, key=lambda d: DTYPE_ORDER.get(d, 9)):
+        if dt in plots:
+            lines += [f"![Backward TFLOP/s vs sequence length, {dt}]({rel(plots[dt], md_dir)})", ""]
+    lines += perf_table(pts)
+    lines += [""]
+
+
 def section_occupancy(chosen, lines):
     lines += ["## Occupancy (Nsight Compute)", ""]
     if "occupancy" not in chosen:
@@ -842,6 +872,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=Path, help="seed grid JSON")
     parser.add_argument("--fp32", type=Path, help="fp32 subset JSON")
     parser.add_argument("--occupancy", type=Path, help="occupancy JSON")
+    parser.add_argument("--backward", type=Path, help="backward sweep JSON (bench_backward.py --sweep fa)")
     parser.add_argument("--card", help="only files whose name starts with this (default: the FA sweep's GPU)")
     parser.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown output (default: repo root)")
     parser.add_argument("--plots", type=Path, default=HERE / "plots", help="PNG directory (default: benchmarks/plots)")
@@ -857,7 +888,7 @@ def main(argv=None) -> int:
                  if k in chosen and chosen[k]["meta"].get("device")), "unknown GPU")
     stem = card.replace(" ", "_")
     md_dir = args.md.resolve().parent
-    plots_tf, plots_vram, plots_grid, plots_fp32 = {}, {}, {}, {}
+    plots_tf, plots_vram, plots_grid, plots_fp32, plots_bwd = {}, {}, {}, {}, {}
     try:
         if "fa" in chosen:
             pts = chosen["fa"]["points"]
@@ -878,12 +909,18 @@ def main(argv=None) -> int:
             card32 = chosen["fp32"]["meta"].get("device") or card  # the fp32 run may come from another card
             plots_fp32["fp32"] = args.plots.resolve() / f"{card32.replace(' ', '_')}-fp32-tflops.png"
             plot_tflops(chosen["fp32"]["points"], "fp32", card32, plots_fp32["fp32"])
+        if "backward" in chosen:
+            pts = chosen["backward"]["points"]
+            for dt in sorted({p["dtype"] for p in pts}, key=lambda d: DTYPE_ORDER.get(d, 9)):
+                plots_bwd[dt] = args.plots.resolve() / f"{stem}-bwd-tflops-{dt}.png"
+                plot_tflops(pts, dt, card, plots_bwd[dt], what="Backward")
     except ImportError as exc:  # no matplotlib: the markdown still gets written
         print(f"no plots: {exc}", file=sys.stderr)
-        plots_tf, plots_vram, plots_grid, plots_fp32 = {}, {}, {}, {}
+        plots_tf, plots_vram, plots_grid, plots_fp32, plots_bwd = {}, {}, {}, {}, {}
 
     lines = [f"# tvm_flash benchmarks: {card}", "",
-             "Forward attention, tvm_flash against naive PyTorch attention and SDPA's backends. "
+             "Forward attention (and, in its own section, the backward), tvm_flash against naive PyTorch "
+             "attention and SDPA's backends. "
              "Generated by `benchmarks/report.py` from the result files named under Setup; every "
              "number below is read or computed from them.", ""]
     section_targets(chosen, lines)
@@ -894,11 +931,12 @@ def main(argv=None) -> int:
     section_vram(chosen, plots_vram, md_dir, lines)
     section_grid(chosen, plots_grid, md_dir, lines)
     section_fp32(chosen, plots_fp32, md_dir, lines)
+    section_backward(chosen, plots_bwd, md_dir, lines)
     section_occupancy(chosen, lines)
     section_failures(chosen, lines)
     args.md.parent.mkdir(parents=True, exist_ok=True)
     args.md.write_text("\n".join(lines))
-    print(f"wrote {args.md}" + "".join(f", {p}" for d in (plots_tf, plots_vram, plots_grid, plots_fp32)
+    print(f"wrote {args.md}" + "".join(f", {p}" for d in (plots_tf, plots_vram, plots_grid, plots_fp32, plots_bwd)
                                        for p in d.values()))
     return 0
 

@@ -4,7 +4,8 @@
 #   benchmarks/run_all.sh [OUT]        OUT defaults to the repo root
 #
 # Writes, laid out like the repo so that OUT can be copied over it:
-#   OUT/benchmarks/results/<card>.json, <card>-seed.json, <card>-fp32.json, <card>-occupancy.json (+ .md)
+#   OUT/benchmarks/results/<card>.json, <card>-backward.json, <card>-seed.json, <card>-fp32.json,
+#   <card>-occupancy.json (+ .md)
 #   OUT/benchmarks/logs/<step>.log     full output of each step
 #   OUT/benchmarks/plots/*.png
 #   OUT/BENCHMARKS.md
@@ -12,12 +13,15 @@
 # Steps, in order (each one's JSON is rewritten after every point, so a step cut short by
 # its time limit still leaves the points it measured; a failing step does not stop the rest):
 #   1. fa_sweep   bench_forward.py --sweep fa, bf16 + fp16 (48 points; ~95 s on an H100)
-#   2. occupancy  occupancy.py: Nsight Compute on 4 points x {tvm_flash, SDPA flash, SDPA cuDNN}
-#   3. seed_grid  bench_forward.py --grid seed, bf16 + fp16, --warmup 10 --rep 50 (128 points)
-#   4. fp32       bench_forward.py --dtype fp32 --seqlens 1024,2048 (8 points; nice to have)
-#   5. report.py  BENCHMARKS.md + plots from whatever the steps left
+#   2. backward   bench_backward.py --sweep fa, bf16 + fp16 (48 points: tvm_flash, SDPA flash, cuDNN)
+#   3. occupancy  occupancy.py: Nsight Compute on 4 points x {tvm_flash, SDPA flash, SDPA cuDNN}
+#   4. seed_grid  bench_forward.py --grid seed, bf16 + fp16, --warmup 10 --rep 50 (128 points)
+#   5. fp32       bench_forward.py --dtype fp32 --seqlens 1024,2048 (8 points; nice to have)
+#   6. report.py  BENCHMARKS.md + plots from whatever the steps left
+# (one GPU call of 10 minutes does not hold them all: STEPS="fa_sweep backward" runs only the
+# steps named; the report always runs, over every result file in OUT)
 # Budget: BUDGET_S seconds in all (default 540); each step gets min(its cap, what is left
-# minus REPORT_S for the report). Environment: PYTHON (default python3), BUDGET_S, REPORT_S.
+# minus REPORT_S for the report). Environment: PYTHON (default python3), BUDGET_S, REPORT_S, STEPS.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,6 +47,9 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # less than MIN_S would be left. The limit is exported as STEP_LIMIT_S for the command line.
 step() {
     local name=$1 cap=$2 min=$3; shift 3
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then
+        return
+    fi
     local left=$(( BUDGET_S - REPORT_S - $(elapsed) ))
     local limit=$(( cap < left ? cap : left ))
     if (( limit < min )); then
@@ -68,6 +75,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=cs
 
 step fa_sweep 200 60 "$PY" benchmarks/bench_forward.py --sweep fa --dtype both --out "$RESULTS" \
     --impls tvm_flash,naive,naive_eager,sdpa_flash,sdpa_cudnn,sdpa_mem_eff
+step backward 200 60 "$PY" benchmarks/bench_backward.py --sweep fa --dtype both --out "$RESULTS"
 OCC_LEFT=$(( BUDGET_S - REPORT_S - $(elapsed) ))
 OCC_BUDGET=$(( (OCC_LEFT < 150 ? OCC_LEFT : 150) - 10 ))
 step occupancy 150 40 "$PY" benchmarks/occupancy.py --out "$RESULTS" --budget "$OCC_BUDGET"
