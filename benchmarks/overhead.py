@@ -3,7 +3,8 @@ kernel, decides the time: e.g. batch 1, 12 heads, seq 512, hd 64).
 
 Prints per call: host time (perf_counter over many calls, no synchronization inside the loop),
 do_bench time (CUDA events), for tvm_flash.attention, the raw compiled kernel, and SDPA's flash
-and cuDNN backends.
+and cuDNN backends; then the same for forward + backward (``out.backward(dout)``, inputs that
+require grad) of tvm_flash and the two SDPA backends.
 
     python3 benchmarks/overhead.py --shape 1,12,512,64
 """
@@ -59,6 +60,17 @@ def main():
     print(torch.cuda.get_device_name(), f"B{b} H{h} S{s} D{d} causal={a.causal}")
     for name, fn in fns.items():
         print(f"  {name:22s} host {host_us(fn):7.1f} us/call   do_bench {do_bench(fn, warmup=25, rep=100) * 1e3:7.1f} us")
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+    train = {"tvm_flash fwd+bwd": lambda: tvm_flash.attention(qg, kg, vg, causal=bool(a.causal)).backward(dout)}
+    for name, be in (("sdpa flash fwd+bwd", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn fwd+bwd", SDPBackend.CUDNN_ATTENTION)):
+        def g(be=be):
+            with sdpa_kernel(be):
+                F.scaled_dot_product_attention(qg, kg, vg, is_causal=bool(a.causal)).backward(dout)
+        train[name] = g
+    for name, fn in train.items():
+        print(f"  {name:22s} host {host_us(fn, 500):7.1f} us/call   do_bench "
+              f"{do_bench(fn, warmup=25, rep=100, grad_to_none=[qg, kg, vg]) * 1e3:7.1f} us")
     if a.profile:
         import cProfile
         import pstats

@@ -124,3 +124,35 @@ def test_backward_under_torch_compile():
     (fn(qs, ks, vs) * do).sum().backward()
     ref = ref_grads(q, k, v, do, True)
     assert max((a.double() - r).abs().max().item() for a, r in zip((qs.grad, ks.grad, vs.grad), ref)) <= 1e-5
+
+
+def test_gradient_of_lse_alone():
+    """A loss on the LSE only: the output's gradient is None in the backward (not materialized)."""
+    q, k, v, _ = make(1, 2, 2, 19, 23, 32, torch.float32, 6)
+    dlse = torch.randn(1, 2, 19, generator=torch.Generator().manual_seed(2))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    _, lse = tvm_flash.attention(qs, ks, vs, causal=True, return_lse=True)
+    (lse * dlse).sum().backward()
+    ref = ref_grads(q, k, v, torch.zeros_like(q), True, dlse)
+    assert max((a.double() - r).abs().max().item() for a, r in zip((qs.grad, ks.grad, vs.grad), ref)) <= 1e-5
+
+
+def test_compiled_graphs_hold_the_custom_ops():
+    """Under torch.compile the forward and backward graphs call the custom ops (eager calls go
+    around them, ``ops._tracing``); the gradients match the eager ones."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def grab(gm, _):
+        graphs.append(gm.code)
+        return gm
+
+    q, k, v, do = make(1, 2, 1, 24, 24, 32, torch.float32, 8)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    fn = torch.compile(lambda a, b, c: tvm_flash.attention(a, b, c), backend=aot_autograd(fw_compiler=grab, bw_compiler=grab),
+                       fullgraph=True)
+    (fn(qs, ks, vs) * do).sum().backward()
+    assert len(graphs) == 2 and "tvm_flash.flash_fwd" in graphs[0] and "tvm_flash.flash_bwd" in graphs[1]
+    eager = ours_grads(q, k, v, do, False)
+    assert all(torch.equal(a, b) for a, b in zip((qs.grad, ks.grad, vs.grad), eager))

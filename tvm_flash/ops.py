@@ -1,11 +1,14 @@
 """The torch API: input checks, the ``tvm_flash::flash_fwd`` custom op, SDPA-compatible entry.
 
 Tensors cross into TVM through DLPack with no copy; on CUDA the kernel runs
-on torch's current stream.  The custom op (with a fake implementation) makes
-``torch.compile`` treat the kernel as one opaque node (eager calls that need no
-autograd skip its dispatch cost and call the kernel directly).  Backward
-(``tvm_flash::flash_bwd``: dQ, dK, dV from the saved LSE, ``compute_backward``) runs
-on the CPU (LLVM) and on CUDA (plain FFMA kernels: correct, not yet fast).
+on torch's current stream.  The custom ops (with fake implementations) make
+``torch.compile`` treat the kernels as opaque nodes.  Eager calls skip their
+dispatch cost (~50 us each): without autograd the forward kernel is called
+directly, with autograd through ``_FlashAttention`` (a ``torch.autograd.Function``
+running the same forward and backward code).  Backward (``tvm_flash::flash_bwd``:
+dQ, dK, dV from the saved LSE, ``compute_backward``) runs on the CPU (LLVM) and on
+CUDA (Hopper wgmma kernels for fp16/bf16 at head dims 64/128, plain FFMA kernels
+otherwise).
 
 Inputs that are not contiguous (or whose start is not 16-byte aligned) are
 copied once; outputs are always new contiguous tensors.
@@ -177,6 +180,10 @@ def flash_bwd(
     lse: torch.Tensor, grad_lse: torch.Tensor, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV from the forward's output and LSE (``compute_backward``)."""
+    return _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal, scale)
+
+
+def _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal: bool, scale: float):
     q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
     lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
     dtype = str(q.dtype).removeprefix("torch.")
@@ -217,11 +224,39 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    dq, dk, dv = flash_bwd(q, k, v, out, grad_out, lse, grad_lse, ctx.causal, ctx.scale)
+    bwd = flash_bwd if _tracing() else _flash_bwd
+    dq, dk, dv = bwd(q, k, v, out, grad_out, lse, grad_lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Eager autograd without the custom ops' dispatch: the same ``_forward`` / ``_backward``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):  # ctx-style: apply() binds no signature (~15 us)
+        out, lse = _forward(q, k, v, causal, scale)
+        ctx.set_materialize_grads(False)  # None stays None: _backward makes the zeros it needs
+        _setup_context(ctx, (q, k, v, causal, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+
+def _tracing() -> bool:
+    """torch.compile / export / make_fx at work (a dispatch mode is active): the custom ops,
+    which they can trace, rather than direct kernel calls, which they cannot."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - torch without the helper: play safe
+        return True
+    return _get_current_dispatch_mode() is not None
 
 
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
@@ -235,12 +270,13 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     [B, Hq, Sq] (natural log)."""
     _check_inputs(q, k, v, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    needs_graph = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    )
-    # The custom op costs ~50 us of dispatch per call: eager inference calls the kernel directly.
-    run = flash_fwd if needs_graph else _forward
-    out, lse = run(q, k, v, bool(causal), scale)
+    # The custom op costs ~50 us of dispatch per call: eager calls skip it (module docstring).
+    if _tracing():
+        out, lse = flash_fwd(q, k, v, bool(causal), scale)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _FlashAttention.apply(q, k, v, bool(causal), scale)
+    else:
+        out, lse = _forward(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
