@@ -877,6 +877,7 @@ def main(argv=None) -> int:
     parser.add_argument("--md", type=Path, default=REPO / "BENCHMARKS.md", help="markdown output (default: repo root)")
     parser.add_argument("--plots", type=Path, default=HERE / "plots", help="PNG directory (default: benchmarks/plots)")
     parser.add_argument("--run-command", default=None, help="the command that produced everything, for the record")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph for the Setup section (repeatable)")
     args = parser.parse_args(argv)
 
     chosen = discover(args)
@@ -926,6 +927,7 @@ def main(argv=None) -> int:
     section_targets(chosen, lines)
     section_group_summary(chosen, lines)
     section_setup(chosen, lines)
+    lines += [*(f"**Note:** {n}\n" for n in args.note)]
     section_commands(chosen, args, lines)
     section_fa(chosen, plots_tf, md_dir, lines)
     section_vram(chosen, plots_vram, md_dir, lines)
