@@ -4,6 +4,7 @@ zero-copy outputs and no growth in memory over repeated calls."""
 import gc
 import tracemalloc
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rand_qkv
@@ -53,3 +54,13 @@ def test_repeated_calls_do_not_leak():
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     assert grown < 256 * 1024, f"python heap grew by {grown} bytes over 200 calls"
+
+
+def test_torch_func_transforms_get_a_clear_error():
+    """vmap / torch.func.grad are not supported: a NotImplementedError that says so (before, vmap
+    failed deep inside with 'Cannot access data pointer')."""
+    q, k, v = (torch.randn(1, 2, 8, 32) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.vmap(lambda x: tvm_flash.attention(x, k, v))(q.unsqueeze(0))
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(lambda x: tvm_flash.attention(x, k, v).sum())(q)

@@ -269,6 +269,11 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     [B, Hq, Sq, D], and with ``return_lse`` also the float32 log-sum-exp
     [B, Hq, Sq] (natural log)."""
     _check_inputs(q, k, v, scale)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise NotImplementedError(
+            "tvm_flash.attention does not support torch.func transforms (vmap, grad, jacrev, ...): call it "
+            "outside them (batch with the B dimension; use tensor.backward / torch.autograd.grad for gradients)"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # The custom op costs ~50 us of dispatch per call: eager calls skip it (module docstring).
     if _tracing():
