@@ -93,7 +93,7 @@ def _mbar(op, addr, *args):
     return T.cuda.func_call(f"tvm_flash_{op}", addr, *args, source_code=src)
 
 
-def ws_registers(num_wg):
+def ws_registers(num_wg, tma=False):
     """(launch, loader, consumer) registers per thread of the warp-specialized variant: num_wg
     consumer warpgroups + 1 loader warpgroup.  The launch gives every thread ``launch`` registers
     (the most __launch_bounds__ allows); when the consumers need more, the loader gives registers
@@ -101,7 +101,7 @@ def ws_registers(num_wg):
     consumers take them (setmaxnreg.inc to ``consumer``), within the launch's pool."""
     nt = 128 * (num_wg + 1)
     launch = min(255, 65536 // nt) // 8 * 8
-    loader = 64
+    loader = 40 if tma else 64  # a TMA loader is one thread issuing a few instructions per tile
     consumer = min(240, (launch * nt - 128 * loader) // (128 * num_wg) // 8 * 8)
     return launch, loader, consumer
 
@@ -117,7 +117,7 @@ def _acc_regs(head_dim, block_n):
     return block_n // 2 + head_dim // 2 + block_n // 4
 
 
-def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False):
+def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False):
     if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -130,12 +130,14 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("num_stages must be >= 2")
     if pingpong and not (ws and overlap and num_wg >= 2):
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
+    if tma and not ws:
+        raise ValueError("tma needs ws=1 (the loader warpgroup issues the TMA copies)")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
     # (measured: hd128 num_wg=3 block_n=176 spilled 1.4 KB; hd128 3x96: 166)
     acc = _acc_regs(head_dim, block_n)
-    budget = ws_registers(num_wg)[2] if ws else min(255, 65536 // (128 * num_wg))
+    budget = ws_registers(num_wg, tma)[2] if ws else min(255, 65536 // (128 * num_wg))
     if acc > 190 or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
@@ -155,6 +157,7 @@ def forward_wgmma(
     overlap: bool = False,
     ws: bool = False,
     pingpong: bool = False,
+    tma: bool = False,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -178,6 +181,12 @@ def forward_wgmma(
     warp-scheduler barrier.  Warpgroup 0 goes first; the last warpgroup arrives once before its
     loop and skips its final arrival, so every barrier's arrivals match its waits.
 
+    ``tma`` (with ``ws``; NOT YET RUN ON A GPU, session 8: compiles, ptxas-clean): the loader
+    is one thread issuing TMA copies (``cp.async.bulk.tensor``, tensor maps encoded on the
+    host per call, 128-byte swizzle = this kernel's panel layout, rows past Sq/Sk zero-filled by
+    the hardware) that complete on the full barriers by transaction bytes; the loader warpgroup
+    keeps 40 registers, the consumers get the rest.
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads).
@@ -186,14 +195,14 @@ def forward_wgmma(
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
     BM = 64 * NWG
     NT = 128 * (NWG + int(ws))  # threads: num_wg consumer warpgroups (+ 1 loader when ws)
     LT = 128 if ws else NT  # threads that load K/V (and Q)
-    R_LAUNCH, R_LOADER, R_CONSUMER = ws_registers(NWG)
+    R_LAUNCH, R_LOADER, R_CONSUMER = ws_registers(NWG, tma)
     # move registers to the consumers only when they need more than the launch gives.  Where
     # setmaxnreg survives, ptxas allocates the launch maximum (the pool arithmetic of
     # ws_registers assumes it; the CI checks it); a kernel that fits the launch budget anyway
@@ -233,6 +242,10 @@ def forward_wgmma(
     pack2 = T.ptx[f"cvt.rn.{ab}x2.f32"]
     NEG_INF = -math.inf
     FULL = 0xFFFFFFFF
+    # tma: one copy per 64-column panel of a tile; bytes a tile's copies complete on its barrier
+    tma_copy = T.ptx["cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"]
+    expect_tx = T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"]
+    Q_TILE_BYTES, KV_TILE_BYTES = NP * Q_PANEL * 2, NP * KV_PANEL * 2
 
     @T.macro
     def load_kv(smem, k, v, bz, hk, Sk, tile, slot, tx):
@@ -258,6 +271,27 @@ def forward_wgmma(
             cp_async(T.address_of(smem[(c8 // 8) * Q_PANEL + r * 64 + ((c8 % 8) ^ (r % 8)) * 8]),
                      T.address_of(q[bz, hq, T.min(m0 + r, Sq - 1), c8 * 8]), 16,
                      T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
+
+    @body_macro
+    def tma_tile(tmap, off, panel, row0, h, bar):
+        # a (rows x D) tile at smem[off] as D/64 swizzled panels: one TMA box per panel
+        for p in T.unroll(NP):
+            tma_copy(T.cuda.cvta_generic_to_shared(T.address_of(smem[off + p * panel])), T.address_of(tmap),
+                     p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
+
+    @body_macro
+    def producer_tma():
+        # tma: one thread of the loader warpgroup; Q rides on tile 0's full barrier
+        if tx == NWG * 128:
+            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])), Q_TILE_BYTES + 2 * KV_TILE_BYTES)
+            tma_tile(tm_q, 0, Q_PANEL, m0, hq, BAR_OFF)
+            for t in T.serial(n_blk):
+                if t >= NS:
+                    _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + t % NS)]), (t // NS - 1) % 2)
+                if t > 0:
+                    expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (t % NS)])), 2 * KV_TILE_BYTES)
+                tma_tile(tm_k, K_OFF + (t % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (t % NS))
+                tma_tile(tm_v, V_OFF + (t % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (t % NS))
 
     @body_macro
     def producer():
@@ -515,22 +549,9 @@ def forward_wgmma(
                 if t4 == 0:
                     lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
 
-    # fmt: off
-    @T.prim_func
-    def flash_fwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
-                  scale: T.float32):
-        T.func_attr({"global_symbol": "flash_fwd", "tirx.noalias": True})
-        B = T.int32()
-        Hq = T.int32()
-        Hkv = T.int32()
-        Sq = T.int32()
-        Sk = T.int32()
-        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
-        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
-        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
-        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
-        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
-        o32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=o.data)
+    @body_macro
+    def grid():
+        # the launch: one CTA per (query tile, q-head, batch)
         for bx in T.thread_binding((Sq + BM - 1) // BM, thread="blockIdx.x"):
             for hq in T.thread_binding(Hq, thread="blockIdx.y"):
                 for bz in T.thread_binding(B, thread="blockIdx.z"):
@@ -564,10 +585,18 @@ def forward_wgmma(
                             # empty per ring slot), the others compute
                             if tx == 0:
                                 for i in T.unroll(2 * NS):
-                                    _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), 128 if i < NS else NWG * 4)
+                                    _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]),
+                                          (1 if tma else 128) if i < NS else NWG * 4)
+                                if tma:
+                                    T.ptx["fence.mbarrier_init.release.cluster"]()
                             T.tvm_storage_sync("shared")
                             if wg == NWG:
-                                producer()
+                                if tma:
+                                    if REG_SPLIT:
+                                        _setmaxnreg("dec", R_LOADER)
+                                    producer_tma()
+                                else:
+                                    producer()
                             else:
                                 if REG_SPLIT:
                                     _setmaxnreg("inc", R_CONSUMER)
@@ -581,6 +610,41 @@ def forward_wgmma(
                                 commit()
 
                             consumer()
+
+    # fmt: off
+    @T.prim_func
+    def flash_fwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
+                  scale: T.float32):
+        T.func_attr({"global_symbol": "flash_fwd", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        o32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=o.data)
+        if tma:
+            # tensor maps of q, k, v ([B, H, S, D]: dims innermost first, byte strides), boxes of
+            # 64 columns (one 128-byte swizzled panel) x the tile's rows
+            tm_q = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            T.tensormap_encode_tiled(tm_q, q.data, D, Sq, Hq, B, T.int64(D * 2), T.int64(Sq) * D * 2,
+                                     T.int64(Hq) * Sq * D * 2, 64, BM, 1, 1, 1, 1, 1, 1,
+                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            tm_k = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            T.tensormap_encode_tiled(tm_k, k.data, D, Sk, Hkv, B, T.int64(D * 2), T.int64(Sk) * D * 2,
+                                     T.int64(Hkv) * Sk * D * 2, 64, BN, 1, 1, 1, 1, 1, 1,
+                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            tm_v = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            T.tensormap_encode_tiled(tm_v, v.data, D, Sk, Hkv, B, T.int64(D * 2), T.int64(Sk) * D * 2,
+                                     T.int64(Hkv) * Sk * D * 2, 64, BN, 1, 1, 1, 1, 1, 1,
+                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            grid()
+        else:
+            grid()
     # fmt: on
     return flash_fwd
 
@@ -642,14 +706,14 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
-           bool(k.get("ws", False)), bool(k.get("pingpong", False)))
+           bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = merge_knobs(head_dim, dtype, causal, knobs)
-    for name in ("defer_pv_wait", "overlap", "ws", "pingpong"):
+    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma"):
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

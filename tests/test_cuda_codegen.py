@@ -166,6 +166,8 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # no setmaxnreg
     (128, False, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3}),  # ping-pong
     (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
+    (128, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA
+    (256, False, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -185,10 +187,15 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
-    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin")
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
+                            bool(knobs.get("tma")))
+    if knobs.get("tma"):  # tensor maps as kernel parameters, one TMA copy per 64-column panel of Q, K, V
+        assert src.count("const __grid_constant__ CUtensorMap") == 2 * 3  # declaration + definition
+        assert src.count("&(tm_q)") == d // 64 and src.count("&(tm_k)") == d // 64 == src.count("&(tm_v)")
+        assert "cp.async" not in src.replace("cp.async.bulk.tensor", "")
 
 
-def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None):
+def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None, tma=False):
     """setmaxnreg appears only in warp-specialized kernels; where it does, ptxas' register count
     is the launch maximum the loader/consumer split was computed from."""
     from schedules.cuda_wgmma import ws_registers
@@ -196,7 +203,7 @@ def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None):
     if ws_num_wg is None or "setmaxnreg.inc" not in src:
         assert ws_num_wg is not None or "setmaxnreg" not in src
         return
-    launch, loader, consumer = ws_registers(ws_num_wg)
+    launch, loader, consumer = ws_registers(ws_num_wg, tma)
     assert f"setmaxnreg.inc.sync.aligned.u32 {consumer};" in src and f"setmaxnreg.dec.sync.aligned.u32 {loader};" in src
     used = re.search(r"Used (\d+) registers", ptxas_log)
     assert used and int(used.group(1)) == launch, ptxas_log[-1000:]
@@ -254,3 +261,6 @@ def test_wgmma_knob_rules():
         with pytest.raises(ValueError, match="pingpong needs"):
             sched.check_knobs(128, "bfloat16", False, {"block_n": 64, **bad, "pingpong": 1})
     sched.check_knobs(128, "bfloat16", False, {"ws": 1, "overlap": 1, "num_wg": 2, "pingpong": 1})
+    with pytest.raises(ValueError, match="tma needs ws=1"):
+        sched.check_knobs(128, "bfloat16", False, {"ws": 0, "overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1})
+    sched.check_knobs(128, "bfloat16", False, {"tma": 1})  # over the warp-specialized defaults

@@ -55,6 +55,9 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
     (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 2}),  # short sequences (non-causal)
     (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 3}),  # short sequences (causal)
+    (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA loader
+    (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1}),  # TMA, 2 slots
+    (256, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
 ]
 
 
