@@ -156,3 +156,21 @@ def test_compiled_graphs_hold_the_custom_ops():
     assert len(graphs) == 2 and "tvm_flash.flash_fwd" in graphs[0] and "tvm_flash.flash_bwd" in graphs[1]
     eager = ours_grads(q, k, v, do, False)
     assert all(torch.equal(a, b) for a, b in zip((qs.grad, ks.grad, vs.grad), eager))
+
+
+def test_second_derivatives_raise_instead_of_dropping_the_term():
+    """create_graph=True: dQ/dK/dV come from the custom op (no autograd formula), so a second
+    derivative (e.g. a gradient penalty) raises; eager training calls skip it."""
+    q, k, v, _ = make(1, 2, 2, 16, 16, 32, torch.float32, 12)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    (gq,) = torch.autograd.grad(tvm_flash.attention(qs, ks, vs).pow(2).sum(), (qs,), create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gq.pow(2).sum().backward()
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, _ = make(1, 2, 2, 16, 16, 32, torch.float32, 13)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        tvm_flash.attention(fwAD.make_dual(q, torch.randn_like(q)), k, v)

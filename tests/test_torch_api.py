@@ -64,3 +64,17 @@ def test_torch_func_transforms_get_a_clear_error():
         torch.func.vmap(lambda x: tvm_flash.attention(x, k, v))(q.unsqueeze(0))
     with pytest.raises(NotImplementedError, match="torch.func transforms"):
         torch.func.grad(lambda x: tvm_flash.attention(x, k, v).sum())(q)
+
+
+def test_tensor_subclass_goes_through_the_custom_op():
+    """A __torch_dispatch__ subclass (TwoTensor here; DTensor the same way) reaches the kernels
+    through the custom ops, with gradients, instead of a raw pointer it does not have."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))
+    tq = TwoTensor(q, q.clone()).requires_grad_()
+    out = tvm_flash.attention(tq, k, v)
+    assert isinstance(out, TwoTensor)
+    assert (out.a - F.scaled_dot_product_attention(q, k, v)).abs().max().item() <= 1e-5
+    out.sum().backward()
+    assert isinstance(tq.grad, TwoTensor)

@@ -224,7 +224,9 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    bwd = flash_bwd if _tracing() else _flash_bwd
+    # create_graph=True (grad mode on inside a backward): the custom op, which has no autograd
+    # formula, so a second derivative raises instead of silently dropping this term
+    bwd = flash_bwd if torch.is_grad_enabled() or _tracing(q, k, v) else _flash_bwd
     dq, dk, dv = bwd(q, k, v, out, grad_out, lse, grad_lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
@@ -247,16 +249,24 @@ class _FlashAttention(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_lse)
 
 
-def _tracing() -> bool:
-    """torch.compile / export / make_fx at work (a dispatch mode is active): the custom ops,
-    which they can trace, rather than direct kernel calls, which they cannot."""
-    if torch.compiler.is_compiling():
+def _tracing(*tensors) -> bool:
+    """torch.compile / export / make_fx / jit.trace at work (or a dispatch mode is active, or a
+    tensor is a subclass such as DTensor): the custom ops, which they can trace or dispatch,
+    rather than direct kernel calls, which they cannot."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return True
     try:
         from torch.utils._python_dispatch import _get_current_dispatch_mode
     except ImportError:  # pragma: no cover - torch without the helper: play safe
         return True
     return _get_current_dispatch_mode() is not None
+
+
+def _forward_ad() -> bool:
+    """A forward-mode AD level is active (``torch.autograd.forward_ad.dual_level``)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
@@ -276,9 +286,11 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # The custom op costs ~50 us of dispatch per call: eager calls skip it (module docstring).
-    if _tracing():
+    if _tracing(q, k, v):
         out, lse = flash_fwd(q, k, v, bool(causal), scale)
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    elif (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or _forward_ad():
+        # (forward-mode AD: the Function has no jvp, so dual inputs get a clear error, not a
+        # silent zero tangent)
         out, lse = _FlashAttention.apply(q, k, v, bool(causal), scale)
     else:
         out, lse = _forward(q, k, v, bool(causal), scale)
