@@ -595,7 +595,7 @@ def rng(xs, unit):
     return (fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}") + unit
 
 
-SOURCE = {"fa": "FA sweep", "seed": "grid", "fp32": "fp32 subset"}
+SOURCE = {"fa": "FA sweep", "seed": "grid", "fp32": "fp32 subset", "backward": "backward sweep"}
 
 
 def where(p, source=True):
@@ -838,7 +838,7 @@ def short_kernel(name):
 
 def section_failures(chosen, lines):
     seen: dict = {}
-    for k in ("fa", "seed", "fp32"):
+    for k in ("fa", "seed", "fp32", "backward"):
         for p in chosen.get(k, {}).get("points", []):
             for n, r in p["results"].items():
                 if not ok(r):
@@ -885,7 +885,7 @@ def main(argv=None) -> int:
         print(f"no result files found in {args.results}", file=sys.stderr)
     for k, d in chosen.items():
         print(f"{k:10s} {d['path']} ({len(d['points'])} points)")
-    card = next((chosen[k]["meta"].get("device") for k in ("fa", "seed", "fp32", "occupancy")
+    card = next((chosen[k]["meta"].get("device") for k in ("fa", "seed", "fp32", "occupancy", "backward")
                  if k in chosen and chosen[k]["meta"].get("device")), "unknown GPU")
     stem = card.replace(" ", "_")
     md_dir = args.md.resolve().parent
