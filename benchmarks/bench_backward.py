@@ -49,12 +49,10 @@ FA_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 SLICES = ((slice(0, 1), slice(0, 1)), (slice(-1, None), slice(-1, None)))  # (batch, head) checked
 
 
-def _grad_errors(g, refs, whole=False):
-    """Max |grad - float64| of dQ, dK, dV over the checked (batch, head) slices (``whole``: g
-    already is one slice's gradients)."""
-    return [max((x.double() if whole else x[sl].double()).sub(r[i]).abs().max().item()
-                for sl, r in (zip(SLICES[:1], refs) if whole else zip(SLICES, refs)))
-            for i, x in enumerate(g)]
+def _grad_errors(per_slice, refs):
+    """Max |grad - float64| of dQ, dK, dV over the checked (batch, head) slices: ``per_slice``
+    and ``refs`` hold one (dQ, dK, dV) per slice of ``SLICES``."""
+    return [max((gs[i].double() - r[i]).abs().max().item() for gs, r in zip(per_slice, refs)) for i in range(3)]
 
 
 def main():
@@ -102,7 +100,7 @@ def main():
                 for name, fn in impls.items():
                     try:
                         _, g = grads(fn, q, k, v, dout)
-                        errs = _grad_errors(g, refs)
+                        errs = _grad_errors([[x[sl] for x in g] for sl in SLICES], refs)
                         err = max(errs)
                         del g, _
                         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -119,8 +117,7 @@ def main():
                     line += f"  {name} {flops / ms / 1e9:7.1f} TFLOP/s ({ms:.2f} ms, grad err {err:.1e})"
                 ours, accuracy = results["tvm_flash"].get("grad_errs_dq_dk_dv"), None
                 if ours is not None:  # torch's own: SDPA's default backend in this dtype, same heads
-                    theirs = [max(e) for e in zip(*(_grad_errors(grads(sdpa, *(t[sl] for t in (q, k, v, dout)))[1],
-                                                                 [r], whole=True) for sl, r in zip(SLICES, refs)))]
+                    theirs = _grad_errors([grads(sdpa, *(t[sl] for t in (q, k, v, dout)))[1] for sl in SLICES], refs)
                     accuracy = {"tvm_flash_max_abs_err": max(ours), "sdpa_max_abs_err": max(theirs),
                                 "tvm_flash_errs_dq_dk_dv": ours, "sdpa_errs_dq_dk_dv": theirs,
                                 "ok": all(o <= 2 * t + 1e-6 for o, t in zip(ours, theirs))}

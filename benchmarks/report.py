@@ -759,10 +759,13 @@ def section_backward(chosen, plots, md_dir, lines):
         return
     data = chosen["backward"]
     pts = data["points"]
+    per_grad = any("tvm_flash_errs_dq_dk_dv" in (p.get("accuracy") or {}) for p in pts)
+    checked = ("of dQ, dK and dV each, on the first and the last (batch, head)" if per_grad
+               else "over dQ, dK and dV together, on batch 0, head 0")
     lines += ["dQ, dK, dV: `out.backward(dout)` timed with the forward outside the timed region (median of "
               "`do_bench`), TFLOP/s with the FlashAttention papers' count, 2.5 × the forward's "
               "4·B·H·S²·D (halved when causal). Same shapes as the forward sweep. Accuracy: max abs "
-              "error of each gradient against float64 on batch 0, head 0 (ok: tvm_flash ≤ 2× SDPA's "
+              f"error against float64 {checked} (ok: tvm_flash ≤ 2× SDPA's "
               f"default backend in the same dtype). File `{Path(data['path']).name}`, "
               f"{data['meta'].get('device')}, git {data['meta'].get('git_commit')}, {data['meta'].get('date')}.", ""]
     rows = []
