@@ -181,7 +181,7 @@ def forward_wgmma(
     warp-scheduler barrier.  Warpgroup 0 goes first; the last warpgroup arrives once before its
     loop and skips its final arrival, so every barrier's arrivals match its waits.
 
-    ``tma`` (with ``ws``; NOT YET RUN ON A GPU, session 8: compiles, ptxas-clean): the loader
+    ``tma`` (with ``ws``; the default there, perf-notes v9): the loader
     is one thread issuing TMA copies (``cp.async.bulk.tensor``, tensor maps encoded on the
     host per call, 128-byte swizzle = this kernel's panel layout, rows past Sq/Sk zero-filled by
     the hardware) that complete on the full barriers by transaction bytes; the loader warpgroup
@@ -657,6 +657,7 @@ KNOB_SPACE = {
     "ws": [0, 1],
     "overlap": [0, 1],
     "pingpong": [0, 1],
+    "tma": [0, 1],
 }
 
 
@@ -670,11 +671,14 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     all-threads loading, 413 / 382 TFLOP/s at seq 4096 (non-causal / causal); hd128 warp
     specialized with FA3's intra- and inter-warpgroup (ping-pong) order, 128-key tiles, 3 slots:
     368-566 / 237-548 over seq 512-16k; at seq 4096 hd192 553 (ping-pong; 528 without it in the
-    same run) / 471-479, hd256 518-529 / 460 (warp specialized, FA3 order)."""
+    same run) / 471-479, hd256 518-529 / 460 (warp specialized, FA3 order).  Every warp-specialized
+    default loads by TMA (perf-notes v9, kernel alone, same runs): hd128 392-625 vs 366-558
+    non-causal, 247-614 vs 235-546 causal (seq 512-16k), seq 4096 hd192 600 vs 536, hd256
+    562 / 491 vs 508 / 455; at hd64 the TMA loader lost to all-threads loading (391 vs 410)."""
     if head_dim <= 64:
         base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0}
         return {**base, "block_n": 96, "num_stages": 3} if causal else base
-    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0}
+    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0, "tma": 1}
     if head_dim <= 128:
         return {**ws, "block_n": 128, "num_stages": 3, "pingpong": 1}
     if head_dim <= 192:
@@ -696,10 +700,13 @@ def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
 
 def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
-    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob)."""
+    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob),
+    a default ``tma`` where they leave no loader warpgroup."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
+    if "tma" not in knobs and not k.get("ws"):
+        k["tma"] = 0
     return k
 
 

@@ -118,7 +118,9 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
     knobs = effective_knobs(wl, target, None)
-    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin")
+    _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
+                            bool(knobs.get("tma")))
+    assert ("cp.async.bulk.tensor" in src) == bool(knobs.get("tma")) == (d > 64)  # warp-specialized defaults load by TMA
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -161,10 +163,10 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
 
 @pytest.mark.parametrize("d,causal,knobs", [
     (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # all threads load
-    (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2}),  # registers moved
+    (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # registers moved
     (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups
     (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # no setmaxnreg
-    (128, False, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3}),  # ping-pong
+    (128, False, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 0}),  # ping-pong, cp.async loader
     (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
     (128, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA
     (256, False, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels

@@ -43,16 +43,17 @@ def test_other_head_dims(d, dtype):
 
 
 WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, beside the defaults
-    (128, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2}),  # setmaxnreg, plain order
+    # (a warp-specialized variant loads by TMA unless tma=0)
+    (128, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # cp.async loader, setmaxnreg, plain order
     (128, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # FA3 order, 2 slots
     (128, {"ws": 1, "overlap": 1, "num_wg": 1, "block_n": 128, "num_stages": 3}),  # one consumer warpgroup
     (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # FA3 order, all threads load
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups, setmaxnreg
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # 4 warpgroups, no setmaxnreg
-    (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # ping-pong
+    (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 4, "tma": 0}),  # cp.async loader, ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 0, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # no ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # ping-pong, 2 slots
-    (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
+    (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # cp.async loader, 3-way ping-pong
     (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 2}),  # short sequences (non-causal)
     (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 3}),  # short sequences (causal)
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA loader
@@ -64,7 +65,8 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the wgmma kernel needs a Hopper GPU (sm_90a)")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d,knobs", WGMMA_VARIANTS)
+@pytest.mark.parametrize("d,knobs", WGMMA_VARIANTS,
+                         ids=["d%d-" % d + "-".join(f"{k}{v}" for k, v in kn.items()) for d, kn in WGMMA_VARIANTS])
 def test_wgmma_variants(d, knobs, causal):
     """Every loop variant of the wgmma kernel is exact on awkward shapes: a single key, fewer
     key tiles than ring slots, tails, Sq != Sk, GQA (poisoned outputs, float64 reference)."""
