@@ -106,10 +106,11 @@ def ws_registers(num_wg, tma=False):
     return launch, loader, consumer
 
 
-def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False):
+def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False, persistent=False):
     """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack;
-    + 2 mbarriers per ring slot when warp specialized)."""
-    return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024 + (16 * num_stages if ws else 0)
+    + 2 mbarriers per ring slot when warp specialized, + 2 for the Q tile when persistent)."""
+    bars = (16 * num_stages if ws else 0) + (16 if persistent else 0)
+    return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024 + bars
 
 
 def _acc_regs(head_dim, block_n):
@@ -117,7 +118,8 @@ def _acc_regs(head_dim, block_n):
     return block_n // 2 + head_dim // 2 + block_n // 4
 
 
-def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False):
+def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False,
+           persistent=0):
     if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -132,6 +134,10 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
     if tma and not ws:
         raise ValueError("tma needs ws=1 (the loader warpgroup issues the TMA copies)")
+    if persistent and not tma:
+        raise ValueError("persistent needs tma=1 (the loader runs ahead across query tiles)")
+    if persistent < 0:
+        raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
@@ -141,7 +147,7 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
     if acc > 190 or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
-    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws) > MAX_SMEM:
+    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws, bool(persistent)) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
 
@@ -158,6 +164,7 @@ def forward_wgmma(
     ws: bool = False,
     pingpong: bool = False,
     tma: bool = False,
+    persistent: int = 0,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -187,6 +194,12 @@ def forward_wgmma(
     the hardware) that complete on the full barriers by transaction bytes; the loader warpgroup
     keeps 40 registers, the consumers get the rest.
 
+    ``persistent`` (with ``tma``; 0 = off, else the number of CTAs, e.g. the card's SM count):
+    a fixed grid of CTAs, each walking the query tiles ``cta, cta + P, ...`` (P = the grid);
+    the loader's ring of K/V slots runs on across tiles and the Q tile has its own full/empty
+    barriers, so the next tile's Q and first K/V tiles load while the consumers finish the last
+    P V and write the epilogue (the per-CTA skeleton that dominates short sequences, perf-notes v7).
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads).
@@ -195,7 +208,8 @@ def forward_wgmma(
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent)
+    PERSIST = bool(persistent)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
@@ -219,7 +233,8 @@ def forward_wgmma(
     K_OFF = NP * Q_PANEL  # element offsets in the shared buffer (all multiples of 512 = 1 KiB)
     V_OFF = K_OFF + NS * NP * KV_PANEL
     BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws: mbarriers full[NS], empty[NS] (8 bytes each)
-    SMEM = BAR_OFF + (8 * NS if ws else 0)
+    QF_BAR, QE_BAR = BAR_OFF + 8 * NS, BAR_OFF + 8 * NS + 4  # persistent: Q tile full / empty
+    SMEM = BAR_OFF + (8 * NS if ws else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
     assert BM * (D // 8) % LT == 0
     KV_REM = BN * (D // 8) % LT  # block_n * D/8 need not divide by the thread count
@@ -294,6 +309,22 @@ def forward_wgmma(
                 tma_tile(tm_v, V_OFF + (t % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (t % NS))
 
     @body_macro
+    def producer_tile(kb, it):
+        # persistent: one query tile's loads by the loader thread; the ring position of its key
+        # tile t is kb + t (kb: key tiles this CTA loaded before); Q waits for the consumers to
+        # release the previous tile's Q
+        if it > 0:
+            _mbar("mbar_wait", T.address_of(smem[QE_BAR]), (it - 1) % 2)
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[QF_BAR])), Q_TILE_BYTES)
+        tma_tile(tm_q, 0, Q_PANEL, m0, hq, QF_BAR)
+        for t in T.serial(n_blk):
+            if kb + t >= NS:
+                _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + (kb + t) % NS)]), ((kb + t) // NS - 1) % 2)
+            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * ((kb + t) % NS)])), 2 * KV_TILE_BYTES)
+            tma_tile(tm_k, K_OFF + ((kb + t) % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * ((kb + t) % NS))
+            tma_tile(tm_v, V_OFF + ((kb + t) % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * ((kb + t) % NS))
+
+    @body_macro
     def producer():
         # the loader warpgroup (ws): Q, then K/V tile t into ring slot t % NS once the consumers
         # have released the tile that held it (empty barrier), then an arrive on the slot's full
@@ -314,6 +345,12 @@ def forward_wgmma(
         # ws: tile jt landed (all loader threads' copies), then visible to the async proxy
         _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
         fence_proxy()
+
+    @body_macro
+    def release_q():
+        # persistent: this warp's Q K^T wgmmas are all complete; the loader may load the next Q
+        if PERSIST and lane == 0:
+            _mbar("mbar_arrive", T.address_of(smem[QE_BAR]))
 
     @body_macro
     def release(jt):
@@ -434,8 +471,10 @@ def forward_wgmma(
             _named_bar("arrive", 1 + (wg + 1) % NWG, 256)
 
     @body_macro
-    def consumer():
-        # accumulators, descriptors, the key loop and the epilogue of one consumer warpgroup
+    def consumer(kb, it):
+        # accumulators, descriptors, the key loop and the epilogue of one consumer warpgroup;
+        # kb: the ring position of the first key tile (persistent: key tiles consumed before,
+        # else 0), it: the CTA's query-tile count so far (persistent: Q barrier phase)
         for i in T.serial(OACC):
             acc[i] = T.float32(0)
         for hh in T.serial(2):
@@ -446,47 +485,51 @@ def forward_wgmma(
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[1]), T.address_of(smem[K_OFF]), 1, K_SBO, 3)
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[V_OFF]), V_LBO, V_SBO, 3)
 
+        if PERSIST:
+            _mbar("mbar_wait", T.address_of(smem[QF_BAR]), it % 2)
         if ws and not overlap:
             for j in T.serial(n_blk):
-                wait_full(j)
-                issue_s(s, j % NS)
+                wait_full(kb + j)
+                issue_s(s, (kb + j) % NS)
                 wg_wait(0)  # S_j and the previous P V are complete
                 pin_all(s, SACC)
                 pin_all(acc, OACC)
                 if j > 0:
-                    release(j - 1)
-                softmax_pv(s, j, j % NS)
+                    release(kb + j - 1)
+                softmax_pv(s, j, (kb + j) % NS)
                 if not defer_pv_wait:
                     wg_wait(0)
                     pin_all(acc, OACC)
+            release_q()
         elif ws:
             # FA3 order (see below) with the loader warpgroup's barriers; with pingpong every
             # wgmma issue is one turn of the round robin between the consumer warpgroups
             if pingpong and wg == NWG - 1:
                 _named_bar("arrive", 1, 256)  # warpgroup 0 goes first
-            wait_full(0)
+            wait_full(kb)
             turn_wait()
-            issue_s(s, 0)
+            issue_s(s, kb % NS)
             turn_pass(False)
             wg_wait(0)
             pin_all(s, SACC)
             softmax_rows(s, 0)
             pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
-                wait_full(j + 1)
+                wait_full(kb + j + 1)
                 turn_wait()
-                issue_s(s, (j + 1) % NS)
-                rescale_issue_pv(j % NS)
+                issue_s(s, (kb + j + 1) % NS)
+                rescale_issue_pv((kb + j) % NS)
                 turn_pass(False)
                 wg_wait(1)  # S_{j+1} complete; P V_j in flight
                 pin_all(s, SACC)
                 softmax_rows(s, j + 1)
                 wg_wait(0)
                 pin_all(acc, OACC)
-                release(j)
+                release(kb + j)
                 pack_frag(pf, s, KN)
+            release_q()
             turn_wait()
-            rescale_issue_pv((n_blk - 1) % NS)
+            rescale_issue_pv((kb + n_blk - 1) % NS)
             turn_pass(True)
         elif not overlap:
             for j in T.serial(n_blk):
@@ -535,6 +578,8 @@ def forward_wgmma(
 
         wg_wait(0)
         pin_all(acc, OACC)
+        if PERSIST:
+            release(kb + n_blk - 1)  # the ring slot of the last key tile (the loader runs on)
         # ---- epilogue: O / l and LSE ----
         for hh in T.unroll(2):
             red[0] = l_i[hh]
@@ -550,11 +595,85 @@ def forward_wgmma(
                     lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
 
     @body_macro
+    def init_barriers():
+        # ws: full / empty mbarrier per ring slot (+ Q full / empty when persistent)
+        if tx == 0:
+            for i in T.unroll(2 * NS):
+                _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), (1 if tma else 128) if i < NS else NWG * 4)
+            if PERSIST:
+                _mbar("mbar_init", T.address_of(smem[QF_BAR]), 1)
+                _mbar("mbar_init", T.address_of(smem[QE_BAR]), NWG * 4)
+            if tma:
+                T.ptx["fence.mbarrier_init.release.cluster"]()
+        T.tvm_storage_sync("shared")
+
+    @body_macro
+    def tile(bx, hq, bz, job):
+        # query tile bx of (head hq, batch bz): its coordinates, then the job: "cta" (a CTA per
+        # tile), or persistent "load" (the loader thread) / "compute" (a consumer warpgroup),
+        # each keeping its count of key tiles so far in kvb[0] (the ring position)
+        m_blk = T.if_then_else(causal, (Sq + BM - 1) // BM - 1 - bx, bx)
+        m0 = m_blk * BM
+        hk = hq // (Hq // Hkv)
+        kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
+        n_blk = (kv_len + BN - 1) // BN
+        if job == "load":
+            producer_tile(kvb[0], it)
+            kvb[0] = kvb[0] + n_blk
+        elif job == "compute":
+            consumer(kvb[0], it)
+            kvb[0] = kvb[0] + n_blk
+        elif ws:
+            # warp specialized: the last warpgroup loads (cp.async, mbarriers full/
+            # empty per ring slot), the others compute
+            init_barriers()
+            if wg == NWG:
+                if tma:
+                    if REG_SPLIT:
+                        _setmaxnreg("dec", R_LOADER)
+                    producer_tma()
+                else:
+                    producer()
+            else:
+                if REG_SPLIT:
+                    _setmaxnreg("inc", R_CONSUMER)
+                consumer(0, 0)
+        else:
+            # ---- Q tile -> shared (zero-filled past Sq), first NS-1 K/V tiles ----
+            load_q(tx)
+            for st in T.unroll(NS - 1):
+                if st < n_blk:
+                    load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
+                commit()
+
+            consumer(0, 0)
+
+    @body_macro
+    def persistent_cta():
+        # persistent: CTA bx walks the query tiles bx, bx + P, ... (P CTAs; tile id = query
+        # tile fastest, then head, then batch, as the one-CTA-per-tile launch orders them)
+        init_barriers()
+        kvb[0] = 0
+        if wg == NWG:
+            if REG_SPLIT:
+                _setmaxnreg("dec", R_LOADER)
+            if tx == NWG * 128:
+                for it in T.serial((((Sq + BM - 1) // BM * Hq * B) - bx + n_cta - 1) // n_cta):
+                    tid = bx + it * n_cta
+                    tile(tid % ((Sq + BM - 1) // BM), (tid // ((Sq + BM - 1) // BM)) % Hq, tid // (((Sq + BM - 1) // BM) * Hq), "load")
+        else:
+            if REG_SPLIT:
+                _setmaxnreg("inc", R_CONSUMER)
+            for it in T.serial((((Sq + BM - 1) // BM * Hq * B) - bx + n_cta - 1) // n_cta):
+                tid = bx + it * n_cta
+                tile(tid % ((Sq + BM - 1) // BM), (tid // ((Sq + BM - 1) // BM)) % Hq, tid // (((Sq + BM - 1) // BM) * Hq), "compute")
+
+    @body_macro
     def grid():
-        # the launch: one CTA per (query tile, q-head, batch)
-        for bx in T.thread_binding((Sq + BM - 1) // BM, thread="blockIdx.x"):
-            for hq in T.thread_binding(Hq, thread="blockIdx.y"):
-                for bz in T.thread_binding(B, thread="blockIdx.z"):
+        # the launch: one CTA per (query tile, q-head, batch), or (persistent) a fixed number
+        for bx in T.thread_binding(T.min(persistent, ((Sq + BM - 1) // BM * Hq * B)) if PERSIST else ((Sq + BM - 1) // BM), thread="blockIdx.x"):
+            for hq in T.thread_binding(1 if PERSIST else Hq, thread="blockIdx.y"):
+                for bz in T.thread_binding(1 if PERSIST else B, thread="blockIdx.z"):
                     smem = T.alloc_buffer((SMEM,), dtype, scope="shared.dyn", align=1024)
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         s = T.alloc_buffer((SACC,), "float32", scope="local")
@@ -568,48 +687,18 @@ def forward_wgmma(
                         al2 = T.alloc_buffer((2,), "float32", scope="local")
                         mu = T.alloc_buffer((1,), "float32", scope="local")
                         pk = T.alloc_buffer((1,), "uint32", scope="local")
-                        m_blk = T.if_then_else(causal, (Sq + BM - 1) // BM - 1 - bx, bx)
-                        m0 = m_blk * BM
-                        hk = hq // (Hq // Hkv)
+                        kvb = T.alloc_buffer((1,), "int32", scope="local")
                         wg = tx // 128
                         warp = (tx % 128) // 32
                         lane = tx % 32
                         g = lane // 4
                         t4 = lane % 4
                         sl2 = scale * T.float32(LOG2E)
-                        kv_len = T.if_then_else(causal, T.min(T.min(m0 + BM, Sq), Sk), Sk)
-                        n_blk = (kv_len + BN - 1) // BN
-
-                        if ws:
-                            # warp specialized: the last warpgroup loads (cp.async, mbarriers full/
-                            # empty per ring slot), the others compute
-                            if tx == 0:
-                                for i in T.unroll(2 * NS):
-                                    _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]),
-                                          (1 if tma else 128) if i < NS else NWG * 4)
-                                if tma:
-                                    T.ptx["fence.mbarrier_init.release.cluster"]()
-                            T.tvm_storage_sync("shared")
-                            if wg == NWG:
-                                if tma:
-                                    if REG_SPLIT:
-                                        _setmaxnreg("dec", R_LOADER)
-                                    producer_tma()
-                                else:
-                                    producer()
-                            else:
-                                if REG_SPLIT:
-                                    _setmaxnreg("inc", R_CONSUMER)
-                                consumer()
+                        if PERSIST:
+                            n_cta = T.min(persistent, ((Sq + BM - 1) // BM * Hq * B))
+                            persistent_cta()
                         else:
-                            # ---- Q tile -> shared (zero-filled past Sq), first NS-1 K/V tiles ----
-                            load_q(tx)
-                            for st in T.unroll(NS - 1):
-                                if st < n_blk:
-                                    load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
-                                commit()
-
-                            consumer()
+                            tile(bx, hq, bz, "cta")
 
     # fmt: off
     @T.prim_func
@@ -720,7 +809,7 @@ def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = merge_knobs(head_dim, dtype, causal, knobs)
-    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma"):
+    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma"):  # (persistent: a CTA count)
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

@@ -170,6 +170,8 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
     (128, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA
     (256, False, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
+    (128, True, {"persistent": 132}),  # persistent CTAs (the defaults: TMA, ping-pong)
+    (128, False, {"overlap": 0, "pingpong": 0, "block_n": 112, "num_stages": 2, "persistent": 132}),  # plain order
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -189,6 +191,7 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
     assert frame and frame.groups() == ("0", "0"), res.stderr
+    knobs = sched.merge_knobs(d, "bfloat16", causal, knobs)
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
                             bool(knobs.get("tma")))
     if knobs.get("tma"):  # tensor maps as kernel parameters, one TMA copy per 64-column panel of Q, K, V
