@@ -1,5 +1,5 @@
 """CUDA checks (skipped without a GPU): accuracy against the float64 reference
-at long sequences, GQA, Sq != Sk causal, poisoned outputs, streams,
+at long sequences, GQA, Sq != Sk causal, poisoned outputs, streams, CUDA graphs,
 torch.compile (inductor) and reuse of the cached kernel by a new process."""
 
 import pytest
@@ -107,6 +107,30 @@ def test_runs_on_current_stream():
         total = out.float().sum()  # queued behind the kernel on the same stream
     torch.cuda.synchronize()
     assert torch.equal(out, expected) and torch.isfinite(total)
+
+
+@pytest.mark.parametrize("d,causal", [(64, False), (128, True)])
+def test_cuda_graph_capture_and_replay(d, causal):
+    """attention captured in a CUDA graph (the way to take tiny calls off the host) replays on
+    new data copied into the captured inputs: the kernel (and on Hopper its TMA tensor maps,
+    encoded at capture) reads the static buffers, and the output matches an eager call."""
+    q, k, v = rand_qkv(2, 8, 4, 640, 640, d, torch.bfloat16, "cuda", seed=15)
+    tvm_flash.attention(q, k, v, causal=causal)  # compiled / loaded outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        tvm_flash.attention(q, k, v, causal=causal)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tvm_flash.attention(q, k, v, causal=causal)
+    for seed in (16, 17):
+        for dst, src in zip((q, k, v), rand_qkv(2, 8, 4, 640, 640, d, torch.bfloat16, "cuda", seed=seed)):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tvm_flash.attention(q, k, v, causal=causal))
 
 
 def test_torch_compile_inductor():

@@ -26,6 +26,11 @@ import torch
 from . import runtime
 from .workload import Workload
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - torch without the helper (_tracing then plays safe)
+    _get_current_dispatch_mode = None
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 _INT32_MAX = 2**31 - 1
@@ -36,37 +41,47 @@ def _check_inputs(q, k, v, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-        if t.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} is on device {t.device}; supported: cpu, cuda")
-        if t.numel() == 0:
-            raise ValueError(f"{name} has a zero-size dimension: shape {tuple(t.shape)}")
-        if t.numel() > _INT32_MAX:
-            raise ValueError(f"{name} has {t.numel()} elements; at most 2**31-1 are supported (32-bit indexing)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"q, k, v must share one dtype: q is {q.dtype}, {name} is {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k/v have {k.shape[3]}")
-    hq, hkv = q.shape[1], k.shape[1]
-    if q.device.type == "cuda":
-        _check_cuda_grid(q.shape[0], hq)
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    d = q.shape[3]
-    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
-        raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+    _check_meta(q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
     if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_meta(q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype, q_device, k_device, v_device) -> None:
+    """The checks that depend only on shapes, dtypes and devices, cached (a call's host time
+    matters at small shapes: 4.5 -> 1 us per call); raises on bad input (never cached)."""
+    for name, shape, dtype, device in (("q", q_shape, q_dtype, q_device), ("k", k_shape, k_dtype, k_device),
+                                       ("v", v_shape, v_dtype, v_device)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, heads, seq, head_dim], got shape {tuple(shape)}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {dtype}; supported: float32, float16, bfloat16")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on device {device}; supported: cpu, cuda")
+        numel = math.prod(shape)
+        if numel == 0:
+            raise ValueError(f"{name} has a zero-size dimension: shape {tuple(shape)}")
+        if numel > _INT32_MAX:
+            raise ValueError(f"{name} has {numel} elements; at most 2**31-1 are supported (32-bit indexing)")
+    for name, dtype, device in (("k", k_dtype, k_device), ("v", v_dtype, v_device)):
+        if dtype != q_dtype:
+            raise TypeError(f"q, k, v must share one dtype: q is {q_dtype}, {name} is {dtype}")
+        if device != q_device:
+            raise ValueError(f"q, k, v must be on one device: q is on {q_device}, {name} on {device}")
+    if k_shape != v_shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v_shape)}")
+    if k_shape[0] != q_shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q_shape[0]}, k/v have {k_shape[0]}")
+    if k_shape[3] != q_shape[3]:
+        raise ValueError(f"head_dim differs: q has {q_shape[3]}, k/v have {k_shape[3]}")
+    hq, hkv = q_shape[1], k_shape[1]
+    if q_device.type == "cuda":
+        _check_cuda_grid(q_shape[0], hq)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    d = q_shape[3]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) or d % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
 
 
 def _check_cuda_grid(batch: int, heads: int) -> None:
@@ -134,8 +149,8 @@ def _kernel(device_type: str, device_index, workload: Workload, short: bool = Fa
 def _forward(q, k, v, causal: bool, scale: float):
     """Run the compiled kernel: returns (out, lse float32)."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)  # q is contiguous here: so is out
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     dtype = str(q.dtype).removeprefix("torch.")
     kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), k.shape[2] <= _SHORT_SEQ)
     with _on_device(q.device):
@@ -257,9 +272,7 @@ def _tracing(*tensors) -> bool:
         return True
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return True
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - torch without the helper: play safe
+    if _get_current_dispatch_mode is None:  # pragma: no cover - torch without the helper: play safe
         return True
     return _get_current_dispatch_mode() is not None
 
