@@ -23,12 +23,16 @@ This kernel is ``cuda_tc``'s algorithm moved onto ``wgmma``:
 * K/V stream through a ``num_stages`` ring in shared memory.  Two ways to fill it:
   - all threads load (``ws=0``): ``cp.async`` groups, one ``__syncthreads`` per tile; the slot of
     tile j-1 is refilled once every warpgroup has waited for its wgmmas that read it;
-  - warp specialized (``ws=1``, FA3's producer/consumer split without TMA): one more warpgroup
-    only loads; per ring slot a "full" mbarrier (``cp.async.mbarrier.arrive.noinc``: fires when
-    the loader's copies have landed) and an "empty" one (one arrival per consumer warp once its
-    wgmmas no longer read the tile), so consumer warpgroups never wait for each other and drift
-    apart (one's softmax runs while another's wgmmas do).  When the consumers need more
-    registers than the launch gives, ``setmaxnreg`` moves them from the loader;
+  - warp specialized (``ws=1``, FA3's producer/consumer split): one more warpgroup only loads;
+    per ring slot a "full" mbarrier (fires when the tile has landed) and an "empty" one (one
+    arrival per consumer warp once its wgmmas no longer read the tile), so consumer warpgroups
+    never wait for each other and drift apart (one's softmax runs while another's wgmmas do).
+    The loader is one thread issuing TMA copies (``tma=1``, the default there: tensor maps
+    encoded on the host, copies completing on the full barrier by bytes) or its 128 threads
+    issuing ``cp.async`` (``tma=0``; ``cp.async.mbarrier.arrive.noinc``).  When the consumers need
+    more registers than the launch gives, ``setmaxnreg`` moves them from the loader;
+  - ``persistent=P`` (with TMA; off by default, slower so far: perf-notes v10): P CTAs walk the
+    query tiles, the loader's ring running on across tiles;
 * loop order: plain (S_j, wait, softmax_j, P V_j) or, with ``overlap=1``, FA3's intra-warpgroup
   order (issue S_{j+1}, rescale O, issue P V_j, wait S_{j+1}, softmax_{j+1} while P V_j runs);
   with ``pingpong=1`` (and ``ws``) also FA3's inter-warpgroup order: the consumer warpgroups take
