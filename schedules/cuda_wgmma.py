@@ -136,8 +136,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("num_stages must be >= 2")
     if pingpong and not (ws and overlap and num_wg >= 2):
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
-    if tma and not ws:
-        raise ValueError("tma needs ws=1 (the loader warpgroup issues the TMA copies)")
+    if tma and not ws and overlap:
+        raise ValueError("tma needs ws=1 or overlap=0 (the all-threads FA3-order loop loads by cp.async)")
     if persistent and not tma:
         raise ValueError("persistent needs tma=1 (the loader runs ahead across query tiles)")
     if persistent < 0:
@@ -151,7 +151,7 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
     if acc > 190 or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
-    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws, bool(persistent)) > MAX_SMEM:
+    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws or tma, bool(persistent)) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
 
@@ -196,7 +196,10 @@ def forward_wgmma(
     is one thread issuing TMA copies (``cp.async.bulk.tensor``, tensor maps encoded on the
     host per call, 128-byte swizzle = this kernel's panel layout, rows past Sq/Sk zero-filled by
     the hardware) that complete on the full barriers by transaction bytes; the loader warpgroup
-    keeps 40 registers, the consumers get the rest.
+    keeps 40 registers, the consumers get the rest.  Without ``ws`` (plain loop order only):
+    thread 0 issues the same copies where the all-threads loop issued ``cp.async``, and every
+    thread waits on the slot's full mbarrier instead of its own copies + a ``__syncthreads``
+    (NOT YET RUN ON A GPU, session 9: compiles, ptxas-clean).
 
     ``persistent`` (with ``tma``; 0 = off, else the number of CTAs, e.g. the card's SM count):
     a fixed grid of CTAs, each walking the query tiles ``cta, cta + P, ...`` (P = the grid);
@@ -238,7 +241,7 @@ def forward_wgmma(
     V_OFF = K_OFF + NS * NP * KV_PANEL
     BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws: mbarriers full[NS], empty[NS] (8 bytes each)
     QF_BAR, QE_BAR = BAR_OFF + 8 * NS, BAR_OFF + 8 * NS + 4  # persistent: Q tile full / empty
-    SMEM = BAR_OFF + (8 * NS if ws else 0) + (8 if PERSIST else 0)
+    SMEM = BAR_OFF + (8 * NS if ws or tma else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
     assert BM * (D // 8) % LT == 0
     KV_REM = BN * (D // 8) % LT  # block_n * D/8 need not divide by the thread count
@@ -299,18 +302,30 @@ def forward_wgmma(
                      p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
 
     @body_macro
+    def tma_kv(t, g, expect):
+        # tma: key tile t's K and V into ring slot g % NS (g: ring position), completing on the
+        # slot's full barrier; ``expect``: this call announces the slot's bytes (else an earlier
+        # expect_tx covered them: tile 0 with Q)
+        if expect:
+            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (g % NS)])), 2 * KV_TILE_BYTES)
+        tma_tile(tm_k, K_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
+        tma_tile(tm_v, V_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
+
+    @body_macro
+    def tma_q():
+        # tma: the Q tile, on slot 0's full barrier, whose expected bytes include key tile 0's
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])), Q_TILE_BYTES + 2 * KV_TILE_BYTES)
+        tma_tile(tm_q, 0, Q_PANEL, m0, hq, BAR_OFF)
+
+    @body_macro
     def producer_tma():
         # tma: one thread of the loader warpgroup; Q rides on tile 0's full barrier
         if tx == NWG * 128:
-            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])), Q_TILE_BYTES + 2 * KV_TILE_BYTES)
-            tma_tile(tm_q, 0, Q_PANEL, m0, hq, BAR_OFF)
+            tma_q()
             for t in T.serial(n_blk):
                 if t >= NS:
                     _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + t % NS)]), (t // NS - 1) % 2)
-                if t > 0:
-                    expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (t % NS)])), 2 * KV_TILE_BYTES)
-                tma_tile(tm_k, K_OFF + (t % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (t % NS))
-                tma_tile(tm_v, V_OFF + (t % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (t % NS))
+                tma_kv(t, t, t > 0)
 
     @body_macro
     def producer_tile(kb, it):
@@ -324,9 +339,7 @@ def forward_wgmma(
         for t in T.serial(n_blk):
             if kb + t >= NS:
                 _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + (kb + t) % NS)]), ((kb + t) // NS - 1) % 2)
-            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * ((kb + t) % NS)])), 2 * KV_TILE_BYTES)
-            tma_tile(tm_k, K_OFF + ((kb + t) % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * ((kb + t) % NS))
-            tma_tile(tm_v, V_OFF + ((kb + t) % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * ((kb + t) % NS))
+            tma_kv(t, kb + t, True)
 
     @body_macro
     def producer():
@@ -440,9 +453,13 @@ def forward_wgmma(
         pin_all(acc, OACC)
         if not AB_SYNC:
             T.tvm_storage_sync("shared")
-        if jt + NS - 1 < n_blk and not AB_LOAD:
-            load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
-        commit()
+        if tma:  # one thread refills by TMA; the slot's full barrier tells everyone
+            if tx == 0 and jt + NS - 1 < n_blk and not AB_LOAD:
+                tma_kv(jt + NS - 1, jt + NS - 1, True)
+        else:
+            if jt + NS - 1 < n_blk and not AB_LOAD:
+                load_kv(smem, k, v, bz, hk, Sk, jt + NS - 1, (jt + NS - 1) % NS, tx)
+            commit()
         softmax_pv(sb, jt, slot)
 
     # FA3's intra-warpgroup order (overlap=1): the softmax of tile j+1 (softmax_rows) runs on the
@@ -537,10 +554,13 @@ def forward_wgmma(
             turn_pass(True)
         elif not overlap:
             for j in T.serial(n_blk):
-                wait_group(NS - 2)  # tile j (and Q) landed: own copies
-                fence_proxy()  # ... visible to the tensor cores' async proxy
-                if not AB_SYNC:
-                    T.tvm_storage_sync("shared")  # ... and everyone's copies
+                if tma:
+                    wait_full(j)  # tile j (and Q) landed, by the TMA unit's count of bytes
+                else:
+                    wait_group(NS - 2)  # tile j (and Q) landed: own copies
+                    fence_proxy()  # ... visible to the tensor cores' async proxy
+                    if not AB_SYNC:
+                        T.tvm_storage_sync("shared")  # ... and everyone's copies
                 slot = j % NS
                 issue_s(s, slot)
                 wg_wait(0)  # S_j and the previous P V are complete
@@ -644,11 +664,19 @@ def forward_wgmma(
                 consumer(0, 0)
         else:
             # ---- Q tile -> shared (zero-filled past Sq), first NS-1 K/V tiles ----
-            load_q(tx)
-            for st in T.unroll(NS - 1):
-                if st < n_blk:
-                    load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
-                commit()
+            if tma:  # thread 0 issues them; full mbarrier per ring slot
+                init_barriers()
+                if tx == 0:
+                    tma_q()
+                    for st in T.unroll(NS - 1):
+                        if st < n_blk:
+                            tma_kv(st, st, st > 0)
+            else:
+                load_q(tx)
+                for st in T.unroll(NS - 1):
+                    if st < n_blk:
+                        load_kv(smem, k, v, bz, hk, Sk, st, st, tx)
+                    commit()
 
             consumer(0, 0)
 

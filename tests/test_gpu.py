@@ -64,6 +64,10 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"overlap": 0, "pingpong": 0, "block_n": 112, "num_stages": 2, "persistent": 5}),  # plain order
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2}),
     (256, {"persistent": 4}),  # 4 panels, 3 slots
+    # all threads compute, thread 0 loads by TMA (plain loop order)
+    (64, {"tma": 1}),  # the hd64 defaults
+    (64, {"num_wg": 1, "block_n": 64, "num_stages": 3, "tma": 1}),  # the short-sequence kernel
+    (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1}),
 ]
 
 
