@@ -41,6 +41,7 @@ from tvm.script import tirx as T
 from tvm_flash.compute import LOG2E
 
 from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
+from .cuda_wgmma import _mbar
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
 
@@ -74,7 +75,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     memory) (H200 sweeps, perf-notes backward v2)."""
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
-            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag)}
+            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 0}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -127,14 +128,18 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
 
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
-                         lsd_overlap: bool = False, lag: bool = False):
+                         lsd_overlap: bool = False, lag: bool = False, tma: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
     ``lsd_overlap``: the dK/dV kernel computes the next tile's LSE/delta (global loads) after
     this step's first GEMMs are issued, not before.  ``lag``: a step's last GEMM (dK, dQ) is
     left running into the next step (waited for with that step's S); the ring then prefetches
-    ``num_stages - 2`` tiles ahead, so the slot those GEMMs read is not refilled."""
+    ``num_stages - 2`` tiles ahead, so the slot those GEMMs read is not refilled.  ``tma``:
+    thread 0 loads every tile by TMA (tensor maps encoded on the host, 128-byte swizzle = the
+    panel layout, rows past the end zero-filled), each ring slot's tile completing on the slot's
+    mbarrier; threads wait on it instead of on their own ``cp.async`` copies (NOT YET RUN ON A
+    GPU, session 9: compiles, ptxas-clean)."""
     _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
@@ -164,6 +169,32 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     load_m, load_q, load_n = tiles(BM), tiles(BQ), tiles(BN)
 
     pack_frag = pack_frag_macro(pack2)
+    tma_copy = T.ptx["cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"]
+    expect_tx = T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"]
+    M_BYTES, Q_BYTES, N_BYTES = NP * M_PANEL * 2, NP * Q_PANEL * 2, NP * N_PANEL * 2  # one tile
+
+    @body_macro
+    def tma_tile(tmap, off, panel, row0, h, bar):
+        # tma: a (rows x D) tile at smem[off] as D/64 swizzled panels, one TMA box per panel,
+        # completing on the mbarrier at smem[bar]
+        for p in T.unroll(NP):
+            tma_copy(T.cuda.cvta_generic_to_shared(T.address_of(smem[off + p * panel])), T.address_of(tmap),
+                     p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
+
+    @body_macro
+    def init_bars(bar0):
+        # tma: one mbarrier per ring slot (one arrival: thread 0's expect_tx; then the bytes)
+        if tx == 0:
+            for i in T.unroll(NS):
+                _mbar("mbar_init", T.address_of(smem[bar0 + 4 * i]), 1)
+            T.ptx["fence.mbarrier_init.release.cluster"]()
+        T.tvm_storage_sync("shared")
+
+    @body_macro
+    def wait_slot(bar0, t):
+        # tma: ring tile t landed (phase t // NS of its slot's barrier), visible to the async proxy
+        _mbar("mbar_wait", T.address_of(smem[bar0 + 4 * (t % NS)]), (t // NS) % 2)
+        fence_proxy()
 
     @body_macro
     def issue_ss(op, acc, n_acc, desc_a, desc_b, slot, panel):
@@ -201,7 +232,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DK_K_OFF, DK_V_OFF = 0, NP * M_PANEL
     DK_Q_OFF = 2 * NP * M_PANEL
     DK_DO_OFF = DK_Q_OFF + NS * NP * Q_PANEL
-    DK_SMEM = DK_DO_OFF + NS * NP * Q_PANEL
+    DK_BAR = DK_DO_OFF + NS * NP * Q_PANEL  # tma: an mbarrier per ring slot (8 bytes)
+    DK_SMEM = DK_BAR + (4 * NS if tma else 0)
     @body_macro
     def lse_delta(t, buf):
         # LSE*log2e and delta of (Q, dO) tile t into lsd[buf] (thread i: query row i of the
@@ -222,6 +254,16 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         q0 = (i0 + t % n_qt) * BQ
         load_q(smem, q, bz, hq_t, Sq, q0, DK_Q_OFF + slot * NP * Q_PANEL, tx)
         load_q(smem, do, bz, hq_t, Sq, q0, DK_DO_OFF + slot * NP * Q_PANEL, tx)
+
+    @body_macro
+    def tma_qdo(t, slot, extra):
+        # tma (thread 0): (Q, dO) tile t into ring slot `slot`; the slot's barrier expects its
+        # bytes plus `extra` (K and V with tile 0)
+        hq_t = hk * G + t // n_qt
+        q0 = (i0 + t % n_qt) * BQ
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[DK_BAR + 4 * slot])), 2 * Q_BYTES + extra)
+        tma_tile(tm_q, DK_Q_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
+        tma_tile(tm_do, DK_DO_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
 
     @body_macro
     def dkdv_step(t, slot, buf):
@@ -263,27 +305,17 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
 
-    # fmt: off
-    @T.prim_func
-    def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
-                       lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
-        T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
-        B = T.int32()
-        Hq = T.int32()
-        Hkv = T.int32()
-        Sq = T.int32()
-        Sk = T.int32()
-        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
-        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
-        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
-        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
-        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
-        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
-        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
-        dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
-        dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
-        dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
-        dv32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dv.data)
+    @body_macro
+    def encode(tm, buf, S, H, rows):
+        # tma: the tensor map of buf ([B, H, S, D]: dims innermost first, byte strides), boxes of
+        # 64 columns (one 128-byte swizzled panel) x `rows` rows
+        T.tensormap_encode_tiled(tm, buf.data, D, S, H, B, T.int64(D * 2), T.int64(S) * D * 2,
+                                 T.int64(H) * S * D * 2, 64, rows, 1, 1, 1, 1, 1, 1,
+                                 descriptor_dtype=dtype, rank=4, swizzle=3)
+
+    @body_macro
+    def dkdv_grid():
+        # one CTA per (key tile, kv head, batch)
         for bx in T.thread_binding((Sk + BM - 1) // BM, thread="blockIdx.x"):
             for hk in T.thread_binding(Hkv, thread="blockIdx.y"):
                 for bz in T.thread_binding(B, thread="blockIdx.z"):
@@ -320,31 +352,83 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[3]), T.address_of(smem[DK_DO_OFF]), 1, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DK_Q_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[5]), T.address_of(smem[DK_DO_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
-                        load_m(smem, k, bz, hk, Sk, m0, DK_K_OFF, tx)
-                        load_m(smem, v, bz, hk, Sk, m0, DK_V_OFF, tx)
-                        for st in T.unroll(PF):
-                            if st < n_t:
-                                load_qdo(st, st)
-                            commit()
+                        if tma:  # thread 0: K, V and the first (Q, dO) tiles (none if no query sees these keys)
+                            init_bars(DK_BAR)
+                            if tx == 0 and n_t > 0:
+                                tma_qdo(0, 0, 2 * M_BYTES)
+                                tma_tile(tm_k, DK_K_OFF, M_PANEL, m0, hk, DK_BAR)
+                                tma_tile(tm_v, DK_V_OFF, M_PANEL, m0, hk, DK_BAR)
+                                for st in T.unroll(PF - 1):
+                                    if st + 1 < n_t:
+                                        tma_qdo(st + 1, st + 1, 0)
+                        else:
+                            load_m(smem, k, bz, hk, Sk, m0, DK_K_OFF, tx)
+                            load_m(smem, v, bz, hk, Sk, m0, DK_V_OFF, tx)
+                            for st in T.unroll(PF):
+                                if st < n_t:
+                                    load_qdo(st, st)
+                                commit()
                         if n_t > 0:
                             lse_delta(0, 0)
                         for t in T.serial(n_t):
-                            wait_group(PF - 1)  # tile t (and K, V) landed: own copies
-                            fence_proxy()
+                            if tma:
+                                wait_slot(DK_BAR, t)  # tile t (and K, V) landed
+                            else:
+                                wait_group(PF - 1)  # tile t (and K, V) landed: own copies
+                                fence_proxy()
                             T.tvm_storage_sync("shared")  # everyone's; everyone past step t-1
-                            if t + PF < n_t:
-                                load_qdo(t + PF, (t + PF) % NS)
-                            commit()
+                            if tma:
+                                if tx == 0 and t + PF < n_t:
+                                    tma_qdo(t + PF, (t + PF) % NS, 0)
+                            else:
+                                if t + PF < n_t:
+                                    load_qdo(t + PF, (t + PF) % NS)
+                                commit()
                             if not lsd_overlap:
                                 if t + 1 < n_t:
                                     lse_delta(t + 1, (t + 1) % 2)
                             dkdv_step(t, t % NS, t % 2)
-                        wait_group(0)  # no copy in flight at exit (K, V are never waited for when n_t == 0)
+                        if not tma:
+                            wait_group(0)  # no copy in flight at exit (K, V are never waited for when n_t == 0)
                         wg_wait(0)
                         pin_all(dv_acc, DV_ACC)
                         pin_all(dk_acc, DV_ACC)
                         store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
+
+    # fmt: off
+    @T.prim_func
+    def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                       lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
+        dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
+        dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
+        dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
+        dv32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dv.data)
+        if tma:
+            tm_q = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_q, q, Sq, Hq, BQ)
+            tm_do = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_do, do, Sq, Hq, BQ)
+            tm_k = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_k, k, Sk, Hkv, BM)
+            tm_v = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_v, v, Sk, Hkv, BM)
+            dkdv_grid()
+        else:
+            dkdv_grid()
 
     # ------------------------------------------------------------------ dQ
     SN_ACC = BN // 2
@@ -352,7 +436,15 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DQ_Q_OFF, DQ_DO_OFF = 0, NP * M_PANEL
     DQ_K_OFF = 2 * NP * M_PANEL
     DQ_V_OFF = DQ_K_OFF + NS * NP * N_PANEL
-    DQ_SMEM = DQ_V_OFF + NS * NP * N_PANEL
+    DQ_BAR = DQ_V_OFF + NS * NP * N_PANEL
+    DQ_SMEM = DQ_BAR + (4 * NS if tma else 0)
+
+    @body_macro
+    def tma_kv(j, slot, extra):
+        # tma (thread 0): (K, V) tile j into ring slot `slot` (+ `extra` bytes: Q and dO with tile 0)
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[DQ_BAR + 4 * slot])), 2 * N_BYTES + extra)
+        tma_tile(tm_k, DQ_K_OFF + slot * NP * N_PANEL, N_PANEL, j * BN, hk, DQ_BAR + 4 * slot)
+        tma_tile(tm_v, DQ_V_OFF + slot * NP * N_PANEL, N_PANEL, j * BN, hk, DQ_BAR + 4 * slot)
 
     @body_macro
     def dq_step(j, slot):
@@ -383,24 +475,9 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             wg_wait(0)
             pin_all(dq_acc, DV_ACC)
 
-    @T.prim_func
-    def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
-                     lse_h: T.handle, delta_h: T.handle, dq_h: T.handle, scale: T.float32):
-        T.func_attr({"global_symbol": "flash_bwd_dq", "tirx.noalias": True})
-        B = T.int32()
-        Hq = T.int32()
-        Hkv = T.int32()
-        Sq = T.int32()
-        Sk = T.int32()
-        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
-        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
-        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
-        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
-        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
-        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
-        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
-        dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
-        dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
+    @body_macro
+    def dq_grid():
+        # one CTA per (query tile, query head, batch)
         for bx in T.thread_binding((Sq + BM - 1) // BM, thread="blockIdx.x"):
             for hq in T.thread_binding(Hq, thread="blockIdx.y"):
                 for bz in T.thread_binding(B, thread="blockIdx.z"):
@@ -432,31 +509,80 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[2]), T.address_of(smem[DQ_K_OFF]), 1, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[3]), T.address_of(smem[DQ_V_OFF]), 1, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DQ_K_OFF]), (N_PANEL * 2) >> 4, SBO, 3)
-                        load_m(smem, q, bz, hq, Sq, m0, DQ_Q_OFF, tx)
-                        load_m(smem, do, bz, hq, Sq, m0, DQ_DO_OFF, tx)
-                        for st in T.unroll(PF):
-                            if st < n_blk:
-                                load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
-                                load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
-                            commit()
+                        if tma:  # thread 0: Q, dO and the first (K, V) tiles
+                            init_bars(DQ_BAR)
+                            if tx == 0:
+                                tma_kv(0, 0, 2 * M_BYTES)
+                                tma_tile(tm_q, DQ_Q_OFF, M_PANEL, m0, hq, DQ_BAR)
+                                tma_tile(tm_do, DQ_DO_OFF, M_PANEL, m0, hq, DQ_BAR)
+                                for st in T.unroll(PF - 1):
+                                    if st + 1 < n_blk:
+                                        tma_kv(st + 1, st + 1, 0)
+                        else:
+                            load_m(smem, q, bz, hq, Sq, m0, DQ_Q_OFF, tx)
+                            load_m(smem, do, bz, hq, Sq, m0, DQ_DO_OFF, tx)
+                            for st in T.unroll(PF):
+                                if st < n_blk:
+                                    load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
+                                    load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
+                                commit()
                         # this thread's two rows: LSE*log2e and delta
                         for hh in T.unroll(2):
                             row = m0 + wg * 64 + warp * 16 + g + hh * 8
                             rl[hh] = T.if_then_else(row < Sq, lse[bz, hq, T.min(row, Sq - 1)] * T.float32(LOG2E), T.float32(INF))
                             rd[hh] = T.if_then_else(row < Sq, delta[bz, hq, T.min(row, Sq - 1)], T.float32(0))
                         for j in T.serial(n_blk):
-                            wait_group(PF - 1)
-                            fence_proxy()
+                            if tma:
+                                wait_slot(DQ_BAR, j)
+                            else:
+                                wait_group(PF - 1)
+                                fence_proxy()
                             T.tvm_storage_sync("shared")
-                            if j + PF < n_blk:
-                                load_n(smem, k, bz, hk, Sk, (j + PF) * BN, DQ_K_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
-                                load_n(smem, v, bz, hk, Sk, (j + PF) * BN, DQ_V_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
-                            commit()
+                            if tma:
+                                if tx == 0 and j + PF < n_blk:
+                                    tma_kv(j + PF, (j + PF) % NS, 0)
+                            else:
+                                if j + PF < n_blk:
+                                    load_n(smem, k, bz, hk, Sk, (j + PF) * BN, DQ_K_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
+                                    load_n(smem, v, bz, hk, Sk, (j + PF) * BN, DQ_V_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
+                                commit()
                             dq_step(j, j % NS)
-                        wait_group(0)
+                        if not tma:
+                            wait_group(0)
                         wg_wait(0)
                         pin_all(dq_acc, DV_ACC)
                         store_rows(dq_acc, dq32, Hq, Sq, bz, hq, m0, scale)
+
+    @T.prim_func
+    def flash_bwd_dq(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                     lse_h: T.handle, delta_h: T.handle, dq_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dq", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Hkv = T.int32()
+        Sq = T.int32()
+        Sk = T.int32()
+        q = T.match_buffer(q_h, (B, Hq, Sq, D), dtype)
+        k = T.match_buffer(k_h, (B, Hkv, Sk, D), dtype)
+        v = T.match_buffer(v_h, (B, Hkv, Sk, D), dtype)
+        o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
+        do = T.match_buffer(do_h, (B, Hq, Sq, D), dtype)
+        lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
+        delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
+        dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
+        dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
+        if tma:
+            tm_q = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_q, q, Sq, Hq, BM)
+            tm_do = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_do, do, Sq, Hq, BM)
+            tm_k = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_k, k, Sk, Hkv, BN)
+            tm_v = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+            encode(tm_v, v, Sk, Hkv, BN)
+            dq_grid()
+        else:
+            dq_grid()
     # fmt: on
     return flash_bwd_dkdv, flash_bwd_dq
 
@@ -504,7 +630,7 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     """{"flash_bwd_prep": ..., "flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward
     (the last two take delta from the first in place of dLSE)."""
     k = {**default_knobs_backward(head_dim, causal), **knobs}
-    for name in ("overlap", "lsd_overlap", "lag"):
+    for name in ("overlap", "lsd_overlap", "lag", "tma"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}

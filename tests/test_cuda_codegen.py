@@ -84,6 +84,29 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
 
 
+@pytest.mark.parametrize("d,causal,knobs", [(128, False, {"tma": 1}), (128, True, {"tma": 1}),
+                                            (64, True, {"tma": 1, "num_stages": 3})])
+def test_wgmma_backward_tma_assembles(tmp_path, d, causal, knobs):
+    """The backward's TMA loads (thread 0 issues them; mbarrier per ring slot): both kernels
+    assemble with no spill and no serialized wgmma, with no cp.async left and one TMA copy per
+    64-column panel of each tile kind (tensor maps as kernel parameters)."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, **knobs)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    res = _nvcc(tmp_path, src, SM90A)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
+    assert "cp.async.cg" not in src and src.count("const __grid_constant__ CUtensorMap") == 2 * 2 * 4
+    for name in ("tm_q", "tm_do", "tm_k", "tm_v"):
+        assert src.count(f"&({name})") % (d // 64) == 0 and src.count(f"&({name})") >= 2 * (d // 64)
+
+
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
     are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third

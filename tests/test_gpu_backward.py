@@ -35,6 +35,33 @@ CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal, with a gradient into the LSE
 
 @pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal,with_dlse", CASES)
 def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, with_dlse):
+    kernels = _backward_kernels("cuda", torch.cuda.current_device(), Workload(d, DTYPE_NAMES[dtype], causal))
+    _check_poisoned(kernels, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse)
+
+
+WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
+    {"tma": 1},  # thread 0 loads by TMA
+    {"tma": 1, "num_stages": 3, "lag": 0, "block_n": 64},  # TMA, two tiles in flight (prologue loop)
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma backward needs a Hopper GPU (sm_90a)")
+@pytest.mark.parametrize("knobs", WGMMA_BWD_VARIANTS, ids=lambda kn: "-".join(f"{k}{v}" for k, v in kn.items()))
+@pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,d,causal,with_dlse", [c for c in CASES if c[0] != torch.float32 and c[6] in (64, 128)])
+def test_wgmma_backward_variants_poisoned(knobs, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse):
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(d, DTYPE_NAMES[dtype], causal, **knobs)
+    mod = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a"))
+    kernels = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"], mod["flash_bwd_prep"])
+    _check_poisoned(kernels, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse)
+
+
+def _check_poisoned(kernels, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse):
     q, k, v, do = make(b, hq, hkv, sq, sk, d, dtype, seed=sq + sk + d)
     dlse = torch.randn(b, hq, sq) if with_dlse else None
     ref = ref_grads(q, k, v, do, causal, dlse)
@@ -44,7 +71,6 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 
     scale = 1 / math.sqrt(d)
     out, lse = _forward(qc, kc, vc, causal, scale)
-    kernels = _backward_kernels("cuda", qc.device.index, Workload(d, DTYPE_NAMES[dtype], causal))
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (qc, kc, vc))
     grad_lse = (dlse if dlse is not None else torch.zeros(b, hq, sq)).cuda()
     _backward_into(kernels, qc, kc, vc, out, doc, lse, grad_lse, dq, dk, dv, scale)
