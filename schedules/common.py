@@ -58,6 +58,22 @@ def pin_all(buf, n):
         T.cuda.func_call("tvm_flash_pin", buf[i], source_code=PIN_SRC)
 
 
+def tma_tile_macro(num_panels):
+    """A macro ``tma_tile(tmap, off, panel, row0, h, bar)`` (non-hygienic: the kernel's ``smem``
+    and ``bz``): a (rows x D) tile as ``num_panels`` 128-byte-swizzled 64-column panels at
+    ``smem[off + p * panel]``, one TMA box per panel from the 4-d tensor map ``tmap`` (column p*64,
+    row row0, head h, batch bz), completing on the mbarrier at ``smem[bar]`` by bytes."""
+    tma_copy = T.ptx["cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"]
+
+    @body_macro
+    def tma_tile(tmap, off, panel, row0, h, bar):
+        for p in T.unroll(num_panels):
+            tma_copy(T.cuda.cvta_generic_to_shared(T.address_of(smem[off + p * panel])), T.address_of(tmap),
+                     p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
+
+    return tma_tile
+
+
 def pack_frag_macro(pack2):
     """A macro ``pack_frag(dst, src, kn_count)``: an fp32 wgmma accumulator (m64nN layout) to
     fp16/bf16 pairs with ``pack2`` (the ``cvt.rn.<type>x2.f32`` op), which is the register-A

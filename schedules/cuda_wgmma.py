@@ -55,7 +55,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LN2, LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tma_tile_macro
 
 __all__ = ["supports", "default_knobs", "short_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
@@ -265,7 +265,6 @@ def forward_wgmma(
     NEG_INF = -math.inf
     FULL = 0xFFFFFFFF
     # tma: one copy per 64-column panel of a tile; bytes a tile's copies complete on its barrier
-    tma_copy = T.ptx["cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"]
     expect_tx = T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"]
     Q_TILE_BYTES, KV_TILE_BYTES = NP * Q_PANEL * 2, NP * KV_PANEL * 2
 
@@ -294,12 +293,7 @@ def forward_wgmma(
                      T.address_of(q[bz, hq, T.min(m0 + r, Sq - 1), c8 * 8]), 16,
                      T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
 
-    @body_macro
-    def tma_tile(tmap, off, panel, row0, h, bar):
-        # a (rows x D) tile at smem[off] as D/64 swizzled panels: one TMA box per panel
-        for p in T.unroll(NP):
-            tma_copy(T.cuda.cvta_generic_to_shared(T.address_of(smem[off + p * panel])), T.address_of(tmap),
-                     p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
+    tma_tile = tma_tile_macro(NP)
 
     @body_macro
     def tma_kv(t, g, expect):

@@ -40,7 +40,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tma_tile_macro
 from .cuda_wgmma import _mbar
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
@@ -169,17 +169,10 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     load_m, load_q, load_n = tiles(BM), tiles(BQ), tiles(BN)
 
     pack_frag = pack_frag_macro(pack2)
-    tma_copy = T.ptx["cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"]
     expect_tx = T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"]
     M_BYTES, Q_BYTES, N_BYTES = NP * M_PANEL * 2, NP * Q_PANEL * 2, NP * N_PANEL * 2  # one tile
 
-    @body_macro
-    def tma_tile(tmap, off, panel, row0, h, bar):
-        # tma: a (rows x D) tile at smem[off] as D/64 swizzled panels, one TMA box per panel,
-        # completing on the mbarrier at smem[bar]
-        for p in T.unroll(NP):
-            tma_copy(T.cuda.cvta_generic_to_shared(T.address_of(smem[off + p * panel])), T.address_of(tmap),
-                     p * 64, row0, h, bz, T.cuda.cvta_generic_to_shared(T.address_of(smem[bar])))
+    tma_tile = tma_tile_macro(NP)
 
     @body_macro
     def init_bars(bar0):
