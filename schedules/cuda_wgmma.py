@@ -828,7 +828,8 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
 def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
-           bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)))
+           bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)),
+           int(k.get("persistent", 0)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
