@@ -138,8 +138,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
     if tma and not ws and overlap:
         raise ValueError("tma needs ws=1 or overlap=0 (the all-threads FA3-order loop loads by cp.async)")
-    if persistent and not tma:
-        raise ValueError("persistent needs tma=1 (the loader runs ahead across query tiles)")
+    if persistent and not (tma and ws):
+        raise ValueError("persistent needs tma=1 and ws=1 (the loader warpgroup runs ahead across query tiles)")
     if persistent < 0:
         raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
@@ -220,6 +220,8 @@ def forward_wgmma(
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
+    if tma and not ws and (AB_SYNC or AB_LOAD):  # threads would wait on tiles never loaded / lose a phase
+        raise ValueError("ablate s / l do not apply to tma without ws")
     BM = 64 * NWG
     NT = 128 * (NWG + int(ws))  # threads: num_wg consumer warpgroups (+ 1 loader when ws)
     LT = 128 if ws else NT  # threads that load K/V (and Q)
@@ -239,7 +241,7 @@ def forward_wgmma(
     KV_PANEL = BN * 64
     K_OFF = NP * Q_PANEL  # element offsets in the shared buffer (all multiples of 512 = 1 KiB)
     V_OFF = K_OFF + NS * NP * KV_PANEL
-    BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws: mbarriers full[NS], empty[NS] (8 bytes each)
+    BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws or tma: mbarriers full[NS], empty[NS] (8 bytes each)
     QF_BAR, QE_BAR = BAR_OFF + 8 * NS, BAR_OFF + 8 * NS + 4  # persistent: Q tile full / empty
     SMEM = BAR_OFF + (8 * NS if ws or tma else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
@@ -353,7 +355,7 @@ def forward_wgmma(
 
     @body_macro
     def wait_full(jt):
-        # ws: tile jt landed (all loader threads' copies), then visible to the async proxy
+        # ws or tma: tile jt landed (the loader's copies), then visible to the async proxy
         _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
         fence_proxy()
 
@@ -614,7 +616,8 @@ def forward_wgmma(
 
     @body_macro
     def init_barriers():
-        # ws: full / empty mbarrier per ring slot (+ Q full / empty when persistent)
+        # ws or tma: full / empty mbarrier per ring slot (+ Q full / empty when persistent; the
+        # all-threads TMA loop uses only the full ones)
         if tx == 0:
             for i in T.unroll(2 * NS):
                 _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), (1 if tma else 128) if i < NS else NWG * 4)

@@ -104,7 +104,7 @@ def _tile_macros(D, LT, cp_async):
     return make
 
 
-def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
+def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False):
     if lag and num_stages < 3:
         raise ValueError("lag needs num_stages >= 3 (a slot stays read by the last step's GEMMs)")
     if not supports(head_dim, dtype):
@@ -120,8 +120,9 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False):
     # block_q 64 estimates 254; ptxas uses 240-251 there, no spill)
     if block_q * 3 // 2 + head_dim + 30 > 255 or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
-    smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024
-    smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024
+    bars = 8 * num_stages if tma else 0  # an mbarrier per ring slot
+    smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024 + bars + 16 * block_q  # + lsd
+    smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024 + bars
     if max(smem_dkdv, smem_dq) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
@@ -140,7 +141,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     panel layout, rows past the end zero-filled), each ring slot's tile completing on the slot's
     mbarrier; threads wait on it instead of on their own ``cp.async`` copies (NOT YET RUN ON A
     GPU, session 9: compiles, ptxas-clean)."""
-    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag)
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
     NT = 128 * NWG

@@ -299,7 +299,9 @@ def test_wgmma_knob_rules():
         sched.check_knobs(128, "bfloat16", False, {"ws": 0, "overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1})
     sched.check_knobs(128, "bfloat16", False, {"tma": 1})  # over the warp-specialized defaults
     sched.check_knobs(64, "bfloat16", False, {"tma": 1})  # all threads compute, thread 0 loads
-    with pytest.raises(ValueError, match="persistent needs tma=1"):
+    with pytest.raises(ValueError, match="persistent needs tma=1 and ws=1"):
         sched.check_knobs(128, "bfloat16", False, {"tma": 0, "persistent": 132})
+    with pytest.raises(ValueError, match="persistent needs tma=1 and ws=1"):  # no loader warpgroup: would hang
+        sched.check_knobs(64, "bfloat16", False, {"tma": 1, "persistent": 132})
     with pytest.raises(ValueError, match="persistent must be 0"):
         sched.check_knobs(128, "bfloat16", False, {"persistent": -1})
