@@ -74,6 +74,21 @@ def tma_tile_macro(num_panels):
     return tma_tile
 
 
+def tensormap_macro(head_dim, dtype):
+    """A macro ``encode(tm, buf, S, H, rows)`` (non-hygienic: the kernel's batch size ``B``): the
+    TMA tensor map of ``buf`` ([B, H, S, head_dim]: dims innermost first, byte strides) into the
+    host-side ``tm``, boxes of 64 columns (one 128-byte-swizzled panel) x ``rows`` rows; rows
+    and heads past the tensor are zero-filled by the hardware."""
+
+    @body_macro
+    def encode(tm, buf, S, H, rows):
+        T.tensormap_encode_tiled(tm, buf.data, head_dim, S, H, B, T.int64(head_dim * 2), T.int64(S) * head_dim * 2,
+                                 T.int64(H) * S * head_dim * 2, 64, rows, 1, 1, 1, 1, 1, 1,
+                                 descriptor_dtype=dtype, rank=4, swizzle=3)
+
+    return encode
+
+
 def pack_frag_macro(pack2):
     """A macro ``pack_frag(dst, src, kn_count)``: an fp32 wgmma accumulator (m64nN layout) to
     fp16/bf16 pairs with ``pack2`` (the ``cvt.rn.<type>x2.f32`` op), which is the register-A

@@ -55,7 +55,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LN2, LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tma_tile_macro
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
 
 __all__ = ["supports", "default_knobs", "short_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
@@ -296,6 +296,7 @@ def forward_wgmma(
                      T.if_then_else(m0 + r < Sq, T.uint32(16), T.uint32(0)))
 
     tma_tile = tma_tile_macro(NP)
+    encode = tensormap_macro(D, dtype)
 
     @body_macro
     def tma_kv(t, g, expect):
@@ -645,7 +646,7 @@ def forward_wgmma(
             consumer(kvb[0], it)
             kvb[0] = kvb[0] + n_blk
         elif ws:
-            # warp specialized: the last warpgroup loads (cp.async, mbarriers full/
+            # warp specialized: the last warpgroup loads (TMA or cp.async; mbarriers full /
             # empty per ring slot), the others compute
             init_barriers()
             if wg == NWG:
@@ -679,23 +680,23 @@ def forward_wgmma(
 
     @body_macro
     def persistent_cta():
-        # persistent: CTA bx walks the query tiles bx, bx + P, ... (P CTAs; tile id = query
-        # tile fastest, then head, then batch, as the one-CTA-per-tile launch orders them)
+        # persistent: CTA bx walks the query tiles bx, bx + P, ... (P = n_cta CTAs; tile id =
+        # query tile fastest, then head, then batch, as the one-CTA-per-tile launch orders them)
         init_barriers()
         kvb[0] = 0
         if wg == NWG:
             if REG_SPLIT:
                 _setmaxnreg("dec", R_LOADER)
             if tx == NWG * 128:
-                for it in T.serial((((Sq + BM - 1) // BM * Hq * B) - bx + n_cta - 1) // n_cta):
+                for it in T.serial((n_tiles - bx + n_cta - 1) // n_cta):
                     tid = bx + it * n_cta
-                    tile(tid % ((Sq + BM - 1) // BM), (tid // ((Sq + BM - 1) // BM)) % Hq, tid // (((Sq + BM - 1) // BM) * Hq), "load")
+                    tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "load")
         else:
             if REG_SPLIT:
                 _setmaxnreg("inc", R_CONSUMER)
-            for it in T.serial((((Sq + BM - 1) // BM * Hq * B) - bx + n_cta - 1) // n_cta):
+            for it in T.serial((n_tiles - bx + n_cta - 1) // n_cta):
                 tid = bx + it * n_cta
-                tile(tid % ((Sq + BM - 1) // BM), (tid // ((Sq + BM - 1) // BM)) % Hq, tid // (((Sq + BM - 1) // BM) * Hq), "compute")
+                tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "compute")
 
     @body_macro
     def grid():
@@ -724,7 +725,9 @@ def forward_wgmma(
                         t4 = lane % 4
                         sl2 = scale * T.float32(LOG2E)
                         if PERSIST:
-                            n_cta = T.min(persistent, ((Sq + BM - 1) // BM * Hq * B))
+                            m_tiles = (Sq + BM - 1) // BM  # query tiles per (head, batch)
+                            n_tiles = m_tiles * Hq * B
+                            n_cta = T.min(persistent, n_tiles)
                             persistent_cta()
                         else:
                             tile(bx, hq, bz, "cta")
@@ -745,21 +748,13 @@ def forward_wgmma(
         o = T.match_buffer(o_h, (B, Hq, Sq, D), dtype)
         lse = T.match_buffer(lse_h, (B, Hq, Sq), "float32")
         o32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=o.data)
-        if tma:
-            # tensor maps of q, k, v ([B, H, S, D]: dims innermost first, byte strides), boxes of
-            # 64 columns (one 128-byte swizzled panel) x the tile's rows
+        if tma:  # tensor maps of q, k, v, boxes of one panel x the tile's rows
             tm_q = T.Bind(T.tvm_stack_alloca("tensormap", 1))
-            T.tensormap_encode_tiled(tm_q, q.data, D, Sq, Hq, B, T.int64(D * 2), T.int64(Sq) * D * 2,
-                                     T.int64(Hq) * Sq * D * 2, 64, BM, 1, 1, 1, 1, 1, 1,
-                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            encode(tm_q, q, Sq, Hq, BM)
             tm_k = T.Bind(T.tvm_stack_alloca("tensormap", 1))
-            T.tensormap_encode_tiled(tm_k, k.data, D, Sk, Hkv, B, T.int64(D * 2), T.int64(Sk) * D * 2,
-                                     T.int64(Hkv) * Sk * D * 2, 64, BN, 1, 1, 1, 1, 1, 1,
-                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            encode(tm_k, k, Sk, Hkv, BN)
             tm_v = T.Bind(T.tvm_stack_alloca("tensormap", 1))
-            T.tensormap_encode_tiled(tm_v, v.data, D, Sk, Hkv, B, T.int64(D * 2), T.int64(Sk) * D * 2,
-                                     T.int64(Hkv) * Sk * D * 2, 64, BN, 1, 1, 1, 1, 1, 1,
-                                     descriptor_dtype=dtype, rank=4, swizzle=3)
+            encode(tm_v, v, Sk, Hkv, BN)
             grid()
         else:
             grid()

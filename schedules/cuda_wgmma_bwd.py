@@ -40,7 +40,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tma_tile_macro
+from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
 from .cuda_wgmma import _mbar
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
@@ -299,13 +299,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
 
-    @body_macro
-    def encode(tm, buf, S, H, rows):
-        # tma: the tensor map of buf ([B, H, S, D]: dims innermost first, byte strides), boxes of
-        # 64 columns (one 128-byte swizzled panel) x `rows` rows
-        T.tensormap_encode_tiled(tm, buf.data, D, S, H, B, T.int64(D * 2), T.int64(S) * D * 2,
-                                 T.int64(H) * S * D * 2, 64, rows, 1, 1, 1, 1, 1, 1,
-                                 descriptor_dtype=dtype, rank=4, swizzle=3)
+    encode = tensormap_macro(D, dtype)
 
     @body_macro
     def dkdv_grid():
