@@ -780,17 +780,16 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
-    """The best of knob sweeps on the H200 (bf16, 16k tokens; docs/perf-notes.md v3-v5): hd64
-    all-threads loading, 413 / 382 TFLOP/s at seq 4096 (non-causal / causal); hd128 warp
-    specialized with FA3's intra- and inter-warpgroup (ping-pong) order, 128-key tiles, 3 slots:
-    368-566 / 237-548 over seq 512-16k; at seq 4096 hd192 553 (ping-pong; 528 without it in the
-    same run) / 471-479, hd256 518-529 / 460 (warp specialized, FA3 order).  Every warp-specialized
-    default loads by TMA (perf-notes v9, kernel alone, same runs): hd128 392-625 vs 366-558
-    non-causal, 247-614 vs 235-546 causal (seq 512-16k), seq 4096 hd192 600 vs 536, hd256
-    562 / 491 vs 508 / 455; at hd64 the TMA loader lost to all-threads loading (391 vs 410)."""
+    """The best of knob sweeps on the H200 (bf16, 16k tokens, kernel alone; docs/perf-notes.md
+    v3-v5, v9, v11).  hd64: one warpgroup computes, thread 0 loads by TMA (no loader warpgroup),
+    128-key tiles, 2 slots: seq 4096 / 16k 466 / 458 TFLOP/s non-causal, 415 / 447 causal (vs 413
+    / 380 at 4096 for v5's two all-threads-loading warpgroups; 64-key tiles 446 / 447 and 410 /
+    431).  hd128 warp specialized with FA3's intra- and inter-warpgroup (ping-pong) order,
+    128-key tiles, 3 slots, TMA loader: 392-625 / 247-614 over seq 512-16k; at seq 4096 hd192
+    600 (ping-pong) / 471-479, hd256 562 / 491 (warp specialized, FA3 order)."""
     if head_dim <= 64:
-        base = {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0}
-        return {**base, "block_n": 96, "num_stages": 3} if causal else base
+        return {"num_wg": 1, "block_n": 128, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0,
+                "tma": 1}
     ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0, "tma": 1}
     if head_dim <= 128:
         return {**ws, "block_n": 128, "num_stages": 3, "pingpong": 1}
@@ -800,25 +799,25 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
 
 
 def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
-    """Knobs for key lengths up to ``tvm_flash.ops._SHORT_SEQ`` (1024; ops picks the kernel per
-    call), where a CTA's fixed cost (Q tile, epilogue)
-    weighs most, or None (the defaults serve every length).  hd64: one warpgroup per CTA
-    (64-row query tiles, twice the CTAs, 2-3 resident per SM): kernel alone on the H200, bf16,
-    16k tokens, seq 512 / 1024: 332 / 367 vs 317 / 339 TFLOP/s non-causal, 242 / 298 vs 198 /
-    273 causal; even at 2048, behind from 4096 (perf-notes v6)."""
+    """Knobs for key lengths up to ``tvm_flash.ops._SHORT_SEQ`` (2048; ops picks the kernel per
+    call), where a CTA's fixed cost (Q tile, epilogue) weighs most, or None (the defaults serve
+    every length).  hd64: 64-key tiles, the P.V wait not deferred: kernel alone on the H200,
+    bf16, 16k tokens, seq 512 / 1024 / 2048: 377 / 422 / 437 TFLOP/s non-causal (128-key
+    tiles 347 / 406 / 420), 282 / 350 / 384 causal (249 / 310 / 372) (perf-notes v11)."""
     if head_dim <= 64:
-        return {**default_knobs(head_dim, dtype, causal), "num_wg": 1, "block_n": 64, "num_stages": 3 if causal else 2}
+        return {**default_knobs(head_dim, dtype, causal), "block_n": 64, "defer_pv_wait": 0}
     return None
 
 
 def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
     no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob),
-    a default ``tma`` where they leave no loader warpgroup."""
+    a default ``tma`` where they ask for FA3's loop order without a loader warpgroup (that
+    loop loads by cp.async)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
-    if "tma" not in knobs and not k.get("ws"):
+    if "tma" not in knobs and not k.get("ws") and k.get("overlap"):
         k["tma"] = 0
     return k
 

@@ -72,10 +72,12 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     at hd128 without causal masking only: +5% there, a loss at hd64, and with causal masking
     ptxas serializes the dK/dV kernel's wgmmas (C7515; the dQ kernel stays clean, but both
     kernels share ``num_stages`` and a 3-slot dQ ring of 128-key tiles at hd128 exceeds shared
-    memory) (H200 sweeps, perf-notes backward v2)."""
+    memory) (H200 sweeps, perf-notes backward v2).  ``tma`` (thread 0 loads the tiles by TMA):
+    +2 to +16% over cp.async at every shape timed, kernel pair alone on the H200, bf16
+    (perf-notes backward v3)."""
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
-            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 0}
+            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1}
 
 
 def _tile_macros(D, LT, cp_async):

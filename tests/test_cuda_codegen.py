@@ -143,13 +143,13 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     knobs = effective_knobs(wl, target, None)
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
                             bool(knobs.get("tma")))
-    assert ("cp.async.bulk.tensor" in src) == bool(knobs.get("tma")) == (d > 64)  # warp-specialized defaults load by TMA
+    assert "cp.async.bulk.tensor" in src and knobs["tma"]  # every default loads by TMA
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_wgmma_short_sequence_kernel_compiles(tmp_path, causal):
-    """The kernel ops picks for key lengths <= 1024 at head dim 64 (``short_knobs``: one warpgroup
-    per CTA) assembles without spill or serialized wgmma; other head dims have none."""
+    """The kernel ops picks for key lengths <= 2048 at head dim 64 (``short_knobs``: 64-key
+    tiles) assembles without spill or serialized wgmma; other head dims have none."""
     import tvm
 
     from tvm_flash.build import Workload, make_target, schedule_module, scheduled_func
@@ -158,7 +158,7 @@ def test_wgmma_short_sequence_kernel_compiles(tmp_path, causal):
     wl = Workload(64, "bfloat16", causal)
     sched = schedule_module(target, wl)
     knobs = sched.short_knobs(64, "bfloat16", causal)
-    assert knobs["num_wg"] == 1 and knobs != sched.default_knobs(64, "bfloat16", causal)
+    assert knobs["block_n"] == 64 and knobs != sched.default_knobs(64, "bfloat16", causal)
     assert sched.short_knobs(128, "bfloat16", causal) is None
     src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target, knobs)}), target=target).mod.imports[0].inspect_source()
     res = _nvcc(tmp_path, src, SM90A)
@@ -187,16 +187,17 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
 @pytest.mark.parametrize("d,causal,knobs", [
     (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # all threads load
     (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # registers moved
-    (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups
-    (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # no setmaxnreg
+    (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 4 warpgroups
+    (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2, "tma": 0}),  # no setmaxnreg
     (128, False, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 0}),  # ping-pong, cp.async loader
-    (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 3-way ping-pong
+    (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 3-way ping-pong
     (128, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA
     (256, False, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
     (128, True, {"persistent": 132}),  # persistent CTAs (the defaults: TMA, ping-pong)
     (128, False, {"overlap": 0, "pingpong": 0, "block_n": 112, "num_stages": 2, "persistent": 132}),  # plain order
-    (64, True, {"tma": 1}),  # all threads compute, thread 0 loads by TMA
-    (64, False, {"num_wg": 1, "block_n": 64, "num_stages": 2, "tma": 1}),  # the same, short-sequence kernel
+    (64, True, {"num_wg": 2, "block_n": 96, "num_stages": 3}),  # all threads compute, thread 0 loads by TMA, 2 warpgroups
+    (64, False, {"block_n": 64, "defer_pv_wait": 0}),  # the same, one warpgroup: the short-sequence kernel
+    (64, False, {"tma": 0}),  # all threads load by cp.async
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader

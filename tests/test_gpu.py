@@ -48,14 +48,14 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # FA3 order, 2 slots
     (128, {"ws": 1, "overlap": 1, "num_wg": 1, "block_n": 128, "num_stages": 3}),  # one consumer warpgroup
     (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # FA3 order, all threads load
-    (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2}),  # 4 warpgroups, setmaxnreg
-    (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2}),  # 4 warpgroups, no setmaxnreg
+    (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 4 warpgroups, setmaxnreg
+    (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2, "tma": 0}),  # 4 warpgroups, no setmaxnreg
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 4, "tma": 0}),  # cp.async loader, ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 0, "num_wg": 2, "block_n": 96, "num_stages": 4}),  # no ping-pong
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # ping-pong, 2 slots
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # cp.async loader, 3-way ping-pong
-    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 2}),  # short sequences (non-causal)
-    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 3}),  # short sequences (causal)
+    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 2, "tma": 0}),  # all threads load (cp.async)
+    (64, {"ws": 0, "overlap": 0, "num_wg": 1, "block_n": 64, "num_stages": 3, "tma": 0}),  # the same, 3 slots
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA loader
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1}),  # TMA, 2 slots
     (256, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
@@ -65,8 +65,9 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2}),
     (256, {"persistent": 4}),  # 4 panels, 3 slots
     # all threads compute, thread 0 loads by TMA (plain loop order)
-    (64, {"tma": 1}),  # the hd64 defaults
-    (64, {"num_wg": 1, "block_n": 64, "num_stages": 3, "tma": 1}),  # the short-sequence kernel
+    (64, {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": 1}),  # two warpgroups (hd64 defaults: one)
+    (64, {"block_n": 64, "num_stages": 3}),  # 3 slots
+    (64, {"block_n": 64, "defer_pv_wait": 0}),  # the short-sequence kernel
     (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1}),
 ]
 

@@ -40,7 +40,7 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 
 
 WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
-    {"tma": 1},  # thread 0 loads by TMA
+    {"tma": 0},  # all threads load by cp.async (the defaults: thread 0 by TMA)
     {"tma": 1, "num_stages": 3, "lag": 0, "block_n": 64},  # TMA, two tiles in flight (prologue loop)
 ]
 

@@ -115,7 +115,7 @@ def _on_device(device: torch.device):
 
 # key lengths up to this run the schedule's kernel for short sequences where it has one
 # (``short_knobs``: schedules/cuda_wgmma.py at head dim 64)
-_SHORT_SEQ = 1024
+_SHORT_SEQ = 2048
 
 
 @functools.lru_cache(maxsize=None)
