@@ -192,6 +192,7 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (128, False, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 0}),  # ping-pong, cp.async loader
     (64, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 3-way ping-pong
     (128, True, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA
+    (128, False, {"block_n": 176, "num_stages": 2}),  # FA3's hd128 tile (196 accumulator registers)
     (256, False, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
     (128, True, {"persistent": 132}),  # persistent CTAs (the defaults: TMA, ping-pong)
     (128, False, {"overlap": 0, "pingpong": 0, "block_n": 112, "num_stages": 2, "persistent": 132}),  # plain order
@@ -291,7 +292,8 @@ def test_wgmma_knob_rules():
         sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "ws": 0, "num_stages": 2, "num_wg": 2, "block_n": 64})
     sched.check_knobs(128, "bfloat16", True, {"overlap": 1, "ws": 1, "num_stages": 2, "num_wg": 2, "block_n": 64})
     with pytest.raises(ValueError, match="register budget"):  # 2 consumers get 216 registers, not 255
-        sched.check_knobs(128, "bfloat16", False, {"ws": 1, "num_wg": 2, "block_n": 176, "num_stages": 2})
+        sched.check_knobs(128, "bfloat16", False, {"ws": 1, "num_wg": 2, "block_n": 176, "num_stages": 2, "tma": 0})
+    sched.check_knobs(128, "bfloat16", False, {"ws": 1, "num_wg": 2, "block_n": 176, "num_stages": 2})  # TMA: 232
     for bad in ({"ws": 0, "overlap": 1, "num_stages": 3}, {"ws": 1, "overlap": 0}, {"ws": 1, "overlap": 1, "num_wg": 1}):
         with pytest.raises(ValueError, match="pingpong needs"):
             sched.check_knobs(128, "bfloat16", False, {"block_n": 64, **bad, "pingpong": 1})

@@ -59,6 +59,7 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 128, "num_stages": 3, "tma": 1}),  # TMA loader
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1}),  # TMA, 2 slots
     (256, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 48, "num_stages": 3, "tma": 1}),  # TMA, 4 panels
+    (128, {"block_n": 176, "num_stages": 2}),  # FA3's hd128 tile (196 accumulator registers of 232)
     # persistent CTAs, few enough that each walks several query tiles (ring and Q phases wrap)
     (128, {"persistent": 3}),  # the defaults: TMA, FA3 order, ping-pong
     (128, {"overlap": 0, "pingpong": 0, "block_n": 112, "num_stages": 2, "persistent": 5}),  # plain order
