@@ -172,7 +172,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     from triton.testing import do_bench
 
     from schedules import cuda_wgmma_bwd
-    from tvm_flash.build import make_target
+    from tvm_flash.build import BackwardKernels, make_target
     from tvm_flash.ops import _backward_into, _forward
 
     d = q.shape[-1]
@@ -185,7 +185,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     if key not in _BUILT:
         _BUILT[key] = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a"))
     mod = _BUILT[key]
-    kernels = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"], mod["flash_bwd_prep"])
+    kernels = BackwardKernels(mod, funcs)
     scale = 1 / math.sqrt(d)
     out, lse = _forward(q, k, v, bool(causal), scale)
     dlse = torch.zeros_like(lse)
@@ -198,7 +198,8 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     torch.cuda.synchronize()
     err = max((x[:1, :1].double() - r).abs().max().item() for x, r in zip((dq, dk, dv), ref))
     ms = do_bench(run, warmup=5, rep=50, return_mode="median")
-    ms_dkdv = do_bench(lambda: kernels[0](q, k, v, out, dout, lse, dlse, dk, dv, scale), warmup=5, rep=50,
+    acc = [torch.zeros(q.shape, dtype=torch.float32, device=q.device)] if kernels.dq_accum else []  # (timing only)
+    ms_dkdv = do_bench(lambda: kernels[0](q, k, v, out, dout, lse, dlse, dk, dv, *acc, scale), warmup=5, rep=50,
                        return_mode="median")  # dlse for delta: same time
     return (f"{flops / ms / 1e9:7.1f} TFLOP/s ({ms:.3f} ms = dK/dV {ms_dkdv:.3f} + delta pass and dQ ~{ms - ms_dkdv:.3f}, "
             f"grad err {err:.1e})")

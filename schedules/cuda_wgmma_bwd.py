@@ -60,6 +60,29 @@ def _st_shared(addr, value):
     return T.cuda.func_call("tvm_flash_st_shared_f32", addr, value, source_code=ST_SHARED_SRC)
 
 
+# dq_accum: the packed dS^T pairs into shared memory (hidden from TVM's barrier pass like the
+# LSE/delta stores: the explicit barrier after them orders them), and dQ's fp32 partial sums
+# into global memory by vector reductions (two adjacent columns per instruction)
+ST_SHARED_U32_SRC = """
+__forceinline__ __device__ void tvm_flash_st_shared_u32(void* p, unsigned v) {
+  asm volatile("st.shared.b32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "r"(v) : "memory");
+}
+"""
+RED_ADD_V2_SRC = """
+__forceinline__ __device__ void tvm_flash_red_add_v2(float* p, float a, float b) {
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+"""
+
+
+def _st_shared_u32(addr, value):
+    return T.cuda.func_call("tvm_flash_st_shared_u32", addr, value, source_code=ST_SHARED_U32_SRC)
+
+
+def _red_add_v2(addr, a, b):
+    return T.cuda.func_call("tvm_flash_red_add_v2", addr, a, b, source_code=RED_ADD_V2_SRC)
+
+
 def supports(head_dim: int, dtype: str) -> bool:
     """fp16/bf16 with head dim 64 or 128 (dK + dV accumulators of a 256-wide head would not fit)."""
     return dtype in PTX_TYPE and head_dim in (64, 128)
@@ -77,7 +100,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     (perf-notes backward v3)."""
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
-            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1}
+            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1, "dq_accum": 0}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -106,7 +129,11 @@ def _tile_macros(D, LT, cp_async):
     return make
 
 
-def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False):
+def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False, dq_accum=False):
+    if dq_accum and not (num_wg == 2 and block_q == 64 and not lag):
+        # dQ's wgmma is m64 (the 64 queries of a step); two warpgroups split it (hd128: 64
+        # columns each, hd64: 64 keys each); lag would leave dK running over the dS^T buffer
+        raise ValueError("dq_accum needs num_wg=2, block_q=64 and lag=0")
     if lag and num_stages < 3:
         raise ValueError("lag needs num_stages >= 3 (a slot stays read by the last step's GEMMs)")
     if not supports(head_dim, dtype):
@@ -124,6 +151,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     bars = 8 * num_stages if tma else 0  # an mbarrier per ring slot
     smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024 + bars + 16 * block_q  # + lsd
+    smem_dkdv += 2 * 64 * num_wg * block_q if dq_accum else 0  # dS^T
     smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024 + bars
     if max(smem_dkdv, smem_dq) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
@@ -131,7 +159,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
 
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
-                         lsd_overlap: bool = False, lag: bool = False, tma: bool = False):
+                         lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
@@ -141,9 +169,14 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     ``num_stages - 2`` tiles ahead, so the slot those GEMMs read is not refilled.  ``tma``:
     thread 0 loads every tile by TMA (tensor maps encoded on the host, 128-byte swizzle = the
     panel layout, rows past the end zero-filled), each ring slot's tile completing on the slot's
-    mbarrier; threads wait on it instead of on their own ``cp.async`` copies (NOT YET RUN ON A
-    GPU, session 9: compiles, ptxas-clean)."""
-    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma)
+    mbarrier; threads wait on it instead of on their own ``cp.async`` copies.  ``dq_accum``
+    (FA2/FA3's 5-GEMM backward; NOT YET RUN ON A GPU, session 10): the dK/dV kernel also
+    computes dQ's share of its keys, dQ_part = dS K (dS^T through shared memory, both operands
+    MN-major), and adds it into an fp32 ``dq_acc`` [B, Hq, Sq, D] (zeroed by the caller) with
+    vector reductions; the second PrimFunc is then ``flash_bwd_dq_convert(dq_acc, dq, scale)``
+    (dq = dq_acc * scale in the output dtype) instead of the dQ kernel, which recomputed S and dP
+    (7 GEMMs in all, now 5).  Summation order varies between runs (atomics)."""
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
     NT = 128 * NWG
@@ -158,6 +191,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     ss_q = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BQ}k16.f32.{ab}.{ab}"]
     ss_n = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{ab}.{ab}"]
     rs_d = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{D}k16.f32.{ab}.{ab}"]
+    ss_64 = T.ptx[f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{ab}.{ab}"]
     wg_fence = T.ptx["wgmma.fence.sync.aligned"]
     wg_commit = T.ptx["wgmma.commit_group.sync.aligned"]
     wg_wait = T.ptx["wgmma.wait_group.sync.aligned"]
@@ -228,7 +262,15 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DK_K_OFF, DK_V_OFF = 0, NP * M_PANEL
     DK_Q_OFF = 2 * NP * M_PANEL
     DK_DO_OFF = DK_Q_OFF + NS * NP * Q_PANEL
-    DK_BAR = DK_DO_OFF + NS * NP * Q_PANEL  # tma: an mbarrier per ring slot (8 bytes)
+    DK_DS_OFF = DK_DO_OFF + NS * NP * Q_PANEL  # dq_accum: dS^T (BM keys x BQ = 64 queries, one panel)
+    DK_BAR = DK_DS_OFF + (BM * BQ if dq_accum else 0)  # tma: an mbarrier per ring slot (8 bytes)
+    # dq_accum: each warpgroup's share of dQ (64 queries x 64 columns): hd128 its 64 columns
+    # over all BM keys, hd64 all 64 columns over its own 64 keys (both warpgroups add theirs)
+    DQ_SPLIT_N = D > 64
+    DQ_KSTEPS = BM // 16 if DQ_SPLIT_N else 4
+    DQ_COL_WG = 64 if DQ_SPLIT_N else 0  # per warpgroup: first dQ column, dS^T and K element offsets
+    DQ_A_WG = 0 if DQ_SPLIT_N else 64 * 64
+    DQ_B_WG = M_PANEL if DQ_SPLIT_N else 64 * 64
     DK_SMEM = DK_BAR + (4 * NS if tma else 0)
     @body_macro
     def lse_delta(t, buf):
@@ -262,6 +304,36 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         tma_tile(tm_do, DK_DO_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
 
     @body_macro
+    def dq_part(t):
+        # dq_accum: dS^T (packed pairs of adjacent queries, pd) into shared memory as BM key rows
+        # of 64 queries (one 128-byte-swizzled panel: row r's 16-byte chunk c at chunk c ^ (r % 8);
+        # pd[4kn + j] holds key row warp*16 + g + 8*(j % 2), queries (2kn + j // 2)*8 + 2*t4 + 0..1),
+        # then, once both warpgroups' rows are there, dQ_part = dS K: A = dS^T and B = K
+        # MN-major from shared memory, m64n64, over DQ_KSTEPS k16 steps of keys
+        for kn, j in T.grid(KQ, 4):
+            _st_shared_u32(T.address_of(smem[DK_DS_OFF + (wg * 64 + warp * 16 + g + (j % 2) * 8) * 64
+                                             + (((2 * kn + j // 2) ^ g) * 8) + t4 * 2]), pd[kn * 4 + j])
+        fence_proxy()
+        T.tvm_storage_sync("shared")  # both warpgroups' dS^T rows written
+        wg_fence()
+        for kn in T.unroll(DQ_KSTEPS):
+            ss_64(*[dqp[i] for i in range(32)], desc[6] + T.uint64((kn * 16 * 128) >> 4),
+                  desc[7] + T.uint64((kn * 16 * 128) >> 4), kn > 0, 1, 1, 1, 1)
+        wg_commit()
+
+    @body_macro
+    def dq_reduce(t):
+        # dq_accum: dQ_part (m64n64 layout: rows warp*16 + g + 8*hh, columns 8*dt + 2*t4 + 0..1
+        # of this warpgroup's share) added into dq_acc, rows past Sq skipped
+        hq_t = hk * G + t // n_qt
+        q0 = (i0 + t % n_qt) * BQ
+        for dt, hh in T.grid(8, 2):
+            row = q0 + warp * 16 + g + hh * 8
+            if row < Sq:
+                _red_add_v2(T.address_of(dq_acc[bz, hq_t, row, wg * DQ_COL_WG + dt * 8 + t4 * 2]),
+                            dqp[dt * 4 + hh * 2], dqp[dt * 4 + hh * 2 + 1])
+
+    @body_macro
     def dkdv_step(t, slot, buf):
         # S^T = K Q^T and dP^T = V dO^T, then P^T, dS^T, dV += P^T dO, dK += dS^T Q.  With
         # `overlap`, P^T is computed while dP^T is on the tensor cores and dS^T while dV is
@@ -285,6 +357,9 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             if causal:
                 if q0 + col < m0 + wg * 64 + warp * 16 + g + hh * 8:
                     s[idx] = T.float32(0)
+            if dq_accum:  # keys past Sk: P^T = 0, or dS^T (finite or not) times K's zero rows would reach dQ
+                if m0 + wg * 64 + warp * 16 + g + hh * 8 >= Sk:
+                    s[idx] = T.float32(0)
         pack_frag(pp, s, KQ)
         wg_fence()
         issue_rs(dv_acc, pp, desc[5], slot, Q_PANEL, KQ)
@@ -296,10 +371,15 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         pack_frag(pd, dp, KQ)
         wg_fence()
         issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
+        if dq_accum:
+            dq_part(t)
         if not lag:
             wg_wait(0)
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
+            if dq_accum:
+                pin_all(dqp, 32)
+                dq_reduce(t)
 
     encode = tensormap_macro(D, dtype)
 
@@ -318,7 +398,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         pd = T.alloc_buffer((KQ * 4,), "uint32", scope="local")
                         dv_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
                         dk_acc = T.alloc_buffer((DV_ACC,), "float32", scope="local")
-                        desc = T.alloc_buffer((6,), "uint64", scope="local")
+                        desc = T.alloc_buffer((8 if dq_accum else 6,), "uint64", scope="local")
+                        dqp = T.alloc_buffer((32 if dq_accum else 1,), "float32", scope="local")
                         pk = T.alloc_buffer((1,), "uint32", scope="local")
                         G = Hq // Hkv
                         m0 = bx * BM
@@ -342,6 +423,13 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[3]), T.address_of(smem[DK_DO_OFF]), 1, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[4]), T.address_of(smem[DK_Q_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
                         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc[5]), T.address_of(smem[DK_DO_OFF]), (Q_PANEL * 2) >> 4, SBO, 3)
+                        if dq_accum:  # dQ_part: dS^T and K MN-major (this warpgroup's columns / keys)
+                            T.cuda.wgmma.encode_matrix_descriptor(
+                                T.address_of(desc[6]), T.address_of(smem[DK_DS_OFF + wg * DQ_A_WG]),
+                                (BM * BQ * 2) >> 4, SBO, 3)
+                            T.cuda.wgmma.encode_matrix_descriptor(
+                                T.address_of(desc[7]), T.address_of(smem[DK_K_OFF + wg * DQ_B_WG]),
+                                (M_PANEL * 2) >> 4, SBO, 3)
                         if tma:  # thread 0: K, V and the first (Q, dO) tiles (none if no query sees these keys)
                             init_bars(DK_BAR)
                             if tx == 0 and n_t > 0:
@@ -386,11 +474,9 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
 
-    # fmt: off
-    @T.prim_func
-    def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
-                       lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
-        T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+    @body_macro
+    def dkdv_entry():
+        # the dK/dV PrimFunc's body (two signatures: with dq_accum, dq_acc comes last but one)
         B = T.int32()
         Hq = T.int32()
         Hkv = T.int32()
@@ -405,6 +491,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         delta = T.match_buffer(delta_h, (B, Hq, Sq), "float32")
         dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
         dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
+        if dq_accum:
+            dq_acc = T.match_buffer(dq_acc_h, (B, Hq, Sq, D), "float32")
         dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
         dv32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dv.data)
         if tma:
@@ -419,6 +507,21 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             dkdv_grid()
         else:
             dkdv_grid()
+
+    # fmt: off
+    if dq_accum:
+        @T.prim_func
+        def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                           lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, dq_acc_h: T.handle,
+                           scale: T.float32):
+            T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+            dkdv_entry()
+    else:
+        @T.prim_func
+        def flash_bwd_dkdv(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, do_h: T.handle,
+                           lse_h: T.handle, delta_h: T.handle, dk_h: T.handle, dv_h: T.handle, scale: T.float32):
+            T.func_attr({"global_symbol": "flash_bwd_dkdv", "tirx.noalias": True})
+            dkdv_entry()
 
     # ------------------------------------------------------------------ dQ
     SN_ACC = BN // 2
@@ -574,6 +677,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         else:
             dq_grid()
     # fmt: on
+    if dq_accum:
+        return flash_bwd_dkdv, dq_convert(head_dim, dtype)
     return flash_bwd_dkdv, flash_bwd_dq
 
 
@@ -616,11 +721,41 @@ def delta_pass(head_dim: int, dtype: str):
     return flash_bwd_prep
 
 
+def dq_convert(head_dim: int, dtype: str):
+    """``flash_bwd_dq_convert(dq_acc, dq, scale)`` (``dq_accum``): dq = dq_acc * scale in the
+    output dtype, two elements per thread."""
+    D, NT = head_dim, 256
+    pack2 = T.ptx[f"cvt.rn.{PTX_TYPE[dtype]}x2.f32"]
+
+    # fmt: off
+    @T.prim_func
+    def flash_bwd_dq_convert(acc_h: T.handle, dq_h: T.handle, scale: T.float32):
+        T.func_attr({"global_symbol": "flash_bwd_dq_convert", "tirx.noalias": True})
+        B = T.int32()
+        Hq = T.int32()
+        Sq = T.int32()
+        acc = T.match_buffer(acc_h, (B, Hq, Sq, D), "float32")
+        dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
+        acc1 = T.decl_buffer((B * Hq * Sq * D,), "float32", data=acc.data)
+        dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
+        for bx in T.thread_binding((B * Hq * Sq * (D // 2) + NT - 1) // NT, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                pk = T.alloc_buffer((1,), "uint32", scope="local")
+                i = bx * NT + tx
+                if i < B * Hq * Sq * (D // 2):
+                    pack2(pk[0], acc1[2 * i + 1] * scale, acc1[2 * i] * scale)
+                    dq32[i] = pk[0]
+    # fmt: on
+    return flash_bwd_dq_convert
+
+
 def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     """{"flash_bwd_prep": ..., "flash_bwd_dkdv": ..., "flash_bwd_dq": ...} for the wgmma backward
-    (the last two take delta from the first in place of dLSE)."""
+    (the last two take delta from the first in place of dLSE); with ``dq_accum``
+    "flash_bwd_dq_convert" in place of "flash_bwd_dq" (``tvm_flash.build.BackwardKernels``)."""
     k = {**default_knobs_backward(head_dim, causal), **knobs}
-    for name in ("overlap", "lsd_overlap", "lag", "tma"):
+    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
-    return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv, "flash_bwd_dq": dq}
+    return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,
+            "flash_bwd_dq_convert" if k["dq_accum"] else "flash_bwd_dq": dq}

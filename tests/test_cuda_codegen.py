@@ -107,13 +107,36 @@ def test_wgmma_backward_tma_assembles(tmp_path, d, causal, knobs):
         assert src.count(f"&({name})") % (d // 64) == 0 and src.count(f"&({name})") >= 2 * (d // 64)
 
 
+@pytest.mark.parametrize("d,causal", [(128, False), (64, True)])
+def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal):
+    """``dq_accum`` (dQ's partial sums from the dK/dV kernel): the dK/dV kernel assembles with no
+    spill and no serialized wgmma, with the dQ GEMM (both operands transposed from shared memory)
+    and vector fp32 reductions; the module holds the convert kernel instead of the dQ kernel."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, lag=0)
+    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert", "flash_bwd_prep"]
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    res = _nvcc(tmp_path, src, SM90A)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
+    assert "red.relaxed.gpu.global.add.v2.f32" in src and "m64n64k16.f32.bf16.bf16 {" in src and ", 1, 1, 1, 1; }" in src
+
+
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
     are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third
     ring slot (the slot its running GEMMs read would be refilled)."""
     from schedules import cuda_wgmma_bwd
 
-    for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"lag": 1, "num_stages": 2}):
+    for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"lag": 1, "num_stages": 2},
+                {"dq_accum": True, "lag": True, "num_stages": 3}, {"dq_accum": True, "num_wg": 1},
+                {"dq_accum": True, "block_q": 32}):
         with pytest.raises(ValueError):
             cuda_wgmma_bwd.flash_backward_wgmma(128, "bfloat16", False, **bad)
     cuda_wgmma_bwd.flash_backward_wgmma(64, "float16", True, block_q=64)

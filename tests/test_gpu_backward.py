@@ -42,6 +42,8 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"tma": 0},  # all threads load by cp.async (the defaults: thread 0 by TMA)
     {"tma": 1, "num_stages": 3, "lag": 0, "block_n": 64},  # TMA, two tiles in flight (prologue loop)
+    {"dq_accum": 1, "lag": 0},  # dQ from the dK/dV kernel: fp32 reductions, then a convert pass
+    {"dq_accum": 1, "lag": 0, "tma": 0},  # the same, cp.async loads
 ]
 
 
@@ -53,11 +55,12 @@ def test_wgmma_backward_variants_poisoned(knobs, dtype, b, hq, hkv, sq, sk, d, c
     import tvm
 
     from schedules import cuda_wgmma_bwd
-    from tvm_flash.build import make_target
+    from tvm_flash.build import BackwardKernels, make_target
 
     funcs = cuda_wgmma_bwd.schedule_backward(d, DTYPE_NAMES[dtype], causal, **knobs)
     mod = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a"))
-    kernels = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"], mod["flash_bwd_prep"])
+    kernels = BackwardKernels(mod, funcs)
+    assert kernels.dq_accum == bool(knobs.get("dq_accum"))
     _check_poisoned(kernels, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse)
 
 

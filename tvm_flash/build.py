@@ -135,8 +135,24 @@ def compile_kernel(workload: Workload, target: tvm.target.Target, knobs: dict | 
     return tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target)
 
 
+class BackwardKernels(tuple):
+    """``(dkdv, dq, prep)``: a compiled backward module's kernels (``prep`` None where the module
+    has no delta pass), and ``dq_accum``: True where the dK/dV kernel also adds dQ's fp32 partial
+    sums into a zeroed buffer and ``dq`` converts that buffer (``cuda_wgmma_bwd`` knob
+    ``dq_accum``), False where ``dq`` is a dQ kernel of its own.  Run with ``ops._backward_into``."""
+
+    dq_accum: bool
+
+    def __new__(cls, mod, funcs):
+        self = super().__new__(cls, (mod["flash_bwd_dkdv"],
+                                     mod["flash_bwd_dq_convert" if "flash_bwd_dq_convert" in funcs else "flash_bwd_dq"],
+                                     mod["flash_bwd_prep"] if "flash_bwd_prep" in funcs else None))
+        self.dq_accum = "flash_bwd_dq_convert" in funcs
+        return self
+
+
 def get_backward_kernels(workload: Workload, target: tvm.target.Target):
-    """``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload
+    """``BackwardKernels`` ``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload
     (``compute_backward``), from memory, disk or a fresh build (CPU: ``schedules.cpu``; CUDA:
     ``schedules.cuda_wgmma_bwd`` on sm_90a for fp16/bf16 at head dims 64/128, else
     ``schedules.cuda_simt``).  A module with ``flash_bwd_prep`` (delta = rowsum(dO * O) - dLSE)
@@ -148,8 +164,7 @@ def get_backward_kernels(workload: Workload, target: tvm.target.Target):
         if fns is None:
             funcs = sched.schedule_backward(workload.head_dim, workload.dtype, workload.causal)
             mod = _load_or_build(key, workload, target, lambda: tvm.compile(tvm.IRModule(funcs), target=target))
-            prep = mod["flash_bwd_prep"] if "flash_bwd_prep" in funcs else None
-            fns = _memory[key] = (mod["flash_bwd_dkdv"], mod["flash_bwd_dq"], prep)
+            fns = _memory[key] = BackwardKernels(mod, funcs)
     return fns
 
 

@@ -210,13 +210,20 @@ def _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal: bool, scale: float
 
 
 def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale: float):
-    """Run ``_backward_kernels``' kernels into dq, dk, dv: the delta pass first where there is
-    one (its delta = rowsum(dO * O) - dLSE then takes dLSE's place), then dK/dV and dQ."""
+    """Run ``_backward_kernels``' kernels (``build.BackwardKernels``) into dq, dk, dv: the delta
+    pass first where there is one (its delta = rowsum(dO * O) - dLSE then takes dLSE's place),
+    then dK/dV and dQ (with ``dq_accum``: dK/dV adds dQ's fp32 partial sums into a zeroed
+    buffer, which the second kernel converts)."""
     dkdv, dq_fn, prep = kernels
     if prep is not None:
         delta = torch.empty_like(lse)
         prep(out, grad_out, grad_lse, delta)
         grad_lse = delta
+    if getattr(kernels, "dq_accum", False):
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, dq_acc, scale)
+        dq_fn(dq_acc, dq, scale)
+        return
     dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, scale)
     dq_fn(q, k, v, out, grad_out, lse, grad_lse, dq, scale)
 
