@@ -136,8 +136,6 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("num_stages must be >= 2")
     if pingpong and not (ws and overlap and num_wg >= 2):
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
-    if tma and not ws and overlap:
-        raise ValueError("tma needs ws=1 or overlap=0 (the all-threads FA3-order loop loads by cp.async)")
     if persistent and not (tma and ws):
         raise ValueError("persistent needs tma=1 and ws=1 (the loader warpgroup runs ahead across query tiles)")
     if persistent < 0:
@@ -573,22 +571,32 @@ def forward_wgmma(
             # S_{j+1} and run its softmax while P V_j is on the tensor cores; wait
             # for P V_j (its P registers are read asynchronously), pack P_{j+1}.
             # Tile j+1 must have landed at step j: loaded >= 2 steps ahead, so
-            # num_stages >= 3.  The last P V is peeled off the loop.
-            wait_group(NS - 2)
-            fence_proxy()
-            T.tvm_storage_sync("shared")
+            # num_stages >= 3.  The last P V is peeled off the loop.  With tma, thread 0
+            # refills by TMA and everyone waits on the slot's full barrier (v13).
+            if tma:
+                wait_full(0)  # tile 0 (and Q) landed
+            else:
+                wait_group(NS - 2)
+                fence_proxy()
+                T.tvm_storage_sync("shared")
             issue_s(s, 0)
             wg_wait(0)
             pin_all(s, SACC)
             softmax_rows(s, 0)
             pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
-                wait_group(NS - 3)  # tile j+1 landed: own copies
-                fence_proxy()
-                T.tvm_storage_sync("shared")  # everyone's copies; slot of j-1 free
-                if j + NS - 1 < n_blk:
-                    load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
-                commit()
+                if tma:
+                    wait_full(j + 1)  # tile j+1 landed
+                    T.tvm_storage_sync("shared")  # everyone past step j-1: its slot is free
+                    if tx == 0 and j + NS - 1 < n_blk:
+                        tma_kv(j + NS - 1, j + NS - 1, True)
+                else:
+                    wait_group(NS - 3)  # tile j+1 landed: own copies
+                    fence_proxy()
+                    T.tvm_storage_sync("shared")  # everyone's copies; slot of j-1 free
+                    if j + NS - 1 < n_blk:
+                        load_kv(smem, k, v, bz, hk, Sk, j + NS - 1, (j + NS - 1) % NS, tx)
+                    commit()
                 issue_s(s, (j + 1) % NS)
                 rescale_issue_pv(j % NS)
                 wg_wait(1)  # S_{j+1} complete; P V_j in flight
@@ -813,14 +821,10 @@ def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
 
 def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
-    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob),
-    a default ``tma`` where they ask for FA3's loop order without a loader warpgroup (that
-    loop loads by cp.async)."""
+    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
-    if "tma" not in knobs and not k.get("ws") and k.get("overlap"):
-        k["tma"] = 0
     return k
 
 

@@ -208,7 +208,8 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
 
 
 @pytest.mark.parametrize("d,causal,knobs", [
-    (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # all threads load
+    (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3, "tma": 0}),  # all threads load
+    (64, False, {"overlap": 1, "num_stages": 3}),  # the same order, one warpgroup, thread 0 loads by TMA
     (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # registers moved
     (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 4 warpgroups
     (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2, "tma": 0}),  # no setmaxnreg
@@ -321,8 +322,7 @@ def test_wgmma_knob_rules():
         with pytest.raises(ValueError, match="pingpong needs"):
             sched.check_knobs(128, "bfloat16", False, {"block_n": 64, **bad, "pingpong": 1})
     sched.check_knobs(128, "bfloat16", False, {"ws": 1, "overlap": 1, "num_wg": 2, "pingpong": 1})
-    with pytest.raises(ValueError, match="tma needs ws=1 or overlap=0"):
-        sched.check_knobs(128, "bfloat16", False, {"ws": 0, "overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1})
+    sched.check_knobs(128, "bfloat16", False, {"ws": 0, "overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1})
     sched.check_knobs(128, "bfloat16", False, {"tma": 1})  # over the warp-specialized defaults
     sched.check_knobs(64, "bfloat16", False, {"tma": 1})  # all threads compute, thread 0 loads
     with pytest.raises(ValueError, match="persistent needs tma=1 and ws=1"):

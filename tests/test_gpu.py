@@ -47,7 +47,7 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # cp.async loader, setmaxnreg, plain order
     (128, {"ws": 1, "overlap": 1, "num_wg": 2, "block_n": 128, "num_stages": 2}),  # FA3 order, 2 slots
     (128, {"ws": 1, "overlap": 1, "num_wg": 1, "block_n": 128, "num_stages": 3}),  # one consumer warpgroup
-    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),  # FA3 order, all threads load
+    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3, "tma": 0}),  # FA3 order, all threads load
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 4 warpgroups, setmaxnreg
     (64, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2, "tma": 0}),  # 4 warpgroups, no setmaxnreg
     (128, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 4, "tma": 0}),  # cp.async loader, ping-pong
@@ -69,6 +69,10 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": 1}),  # two warpgroups (hd64 defaults: one)
     (64, {"block_n": 64, "num_stages": 3}),  # 3 slots
     (64, {"block_n": 64, "defer_pv_wait": 0}),  # the short-sequence kernel
+    # FA3 order without a loader warpgroup, thread 0 loads by TMA (session 10, not yet run on a GPU)
+    (64, {"overlap": 1, "num_stages": 3}),  # over the hd64 defaults: one warpgroup, 128-key tiles
+    (64, {"overlap": 1, "num_stages": 3, "block_n": 64}),
+    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),
     (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1}),
 ]
 
