@@ -304,17 +304,23 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         tma_tile(tm_do, DK_DO_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
 
     @body_macro
-    def dq_part(t):
+    def ds_store():
         # dq_accum: dS^T (packed pairs of adjacent queries, pd) into shared memory as BM key rows
         # of 64 queries (one 128-byte-swizzled panel: row r's 16-byte chunk c at chunk c ^ (r % 8);
         # pd[4kn + j] holds key row warp*16 + g + 8*(j % 2), queries (2kn + j // 2)*8 + 2*t4 + 0..1),
-        # then, once both warpgroups' rows are there, dQ_part = dS K: A = dS^T and B = K
-        # MN-major from shared memory, m64n64, over DQ_KSTEPS k16 steps of keys
-        for kn, j in T.grid(KQ, 4):
-            _st_shared_u32(T.address_of(smem[DK_DS_OFF + (wg * 64 + warp * 16 + g + (j % 2) * 8) * 64
-                                             + (((2 * kn + j // 2) ^ g) * 8) + t4 * 2]), pd[kn * 4 + j])
+        # before the dK wgmma takes pd as its A operand (registers a wgmma reads may not be
+        # accessed until it completes), then visible to the async proxy
+        for kn in T.unroll(KQ):
+            for j in T.unroll(4):
+                _st_shared_u32(T.address_of(smem[DK_DS_OFF + (wg * 64 + warp * 16 + g + (j % 2) * 8) * 64
+                                                 + (((2 * kn + j // 2) ^ g) * 8) + t4 * 2]), pd[kn * 4 + j])
         fence_proxy()
-        T.tvm_storage_sync("shared")  # both warpgroups' dS^T rows written
+
+    @body_macro
+    def dq_part():
+        # dq_accum: once both warpgroups' dS^T rows are there, dQ_part = dS K: A = dS^T and B = K
+        # MN-major from shared memory, m64n64, over DQ_KSTEPS k16 steps of keys; committed
+        T.tvm_storage_sync("shared")
         wg_fence()
         for kn in T.unroll(DQ_KSTEPS):
             ss_64(*[dqp[i] for i in range(32)], desc[6] + T.uint64((kn * 16 * 128) >> 4),
@@ -327,11 +333,12 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # of this warpgroup's share) added into dq_acc, rows past Sq skipped
         hq_t = hk * G + t // n_qt
         q0 = (i0 + t % n_qt) * BQ
-        for dt, hh in T.grid(8, 2):
-            row = q0 + warp * 16 + g + hh * 8
-            if row < Sq:
-                _red_add_v2(T.address_of(dq_acc[bz, hq_t, row, wg * DQ_COL_WG + dt * 8 + t4 * 2]),
-                            dqp[dt * 4 + hh * 2], dqp[dt * 4 + hh * 2 + 1])
+        for dt in T.unroll(8):
+            for hh in T.unroll(2):
+                row = q0 + warp * 16 + g + hh * 8
+                if row < Sq:
+                    _red_add_v2(T.address_of(dq_acc[bz, hq_t, row, wg * DQ_COL_WG + dt * 8 + t4 * 2]),
+                                dqp[dt * 4 + hh * 2], dqp[dt * 4 + hh * 2 + 1])
 
     @body_macro
     def dkdv_step(t, slot, buf):
@@ -369,10 +376,12 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             idx = nt * 4 + hh * 2 + e2
             dp[idx] = s[idx] * (dp[idx] - lsd[buf * 2 * BQ + BQ + nt * 8 + t4 * 2 + e2])
         pack_frag(pd, dp, KQ)
+        if dq_accum:
+            ds_store()
         wg_fence()
         issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
         if dq_accum:
-            dq_part(t)
+            dq_part()
         if not lag:
             wg_wait(0)
             pin_all(dv_acc, DV_ACC)
@@ -754,6 +763,8 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     (the last two take delta from the first in place of dLSE); with ``dq_accum``
     "flash_bwd_dq_convert" in place of "flash_bwd_dq" (``tvm_flash.build.BackwardKernels``)."""
     k = {**default_knobs_backward(head_dim, causal), **knobs}
+    if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
+        k["lag"] = 0
     for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)

@@ -117,7 +117,7 @@ def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal):
     from schedules import cuda_wgmma_bwd
     from tvm_flash.build import make_target
 
-    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, lag=0)
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1)  # (a default lag is dropped)
     assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     res = _nvcc(tmp_path, src, SM90A)
@@ -135,7 +135,7 @@ def test_wgmma_backward_knob_rules():
     from schedules import cuda_wgmma_bwd
 
     for bad in ({"block_q": 48}, {"block_q": 128}, {"block_n": 72}, {"lag": 1, "num_stages": 2},
-                {"dq_accum": True, "lag": True, "num_stages": 3}, {"dq_accum": True, "num_wg": 1},
+                {"dq_accum": True, "lag": True, "num_stages": 3}, {"dq_accum": True, "num_wg": 1, "block_q": 64},
                 {"dq_accum": True, "block_q": 32}):
         with pytest.raises(ValueError):
             cuda_wgmma_bwd.flash_backward_wgmma(128, "bfloat16", False, **bad)

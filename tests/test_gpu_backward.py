@@ -42,8 +42,8 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"tma": 0},  # all threads load by cp.async (the defaults: thread 0 by TMA)
     {"tma": 1, "num_stages": 3, "lag": 0, "block_n": 64},  # TMA, two tiles in flight (prologue loop)
-    {"dq_accum": 1, "lag": 0},  # dQ from the dK/dV kernel: fp32 reductions, then a convert pass
-    {"dq_accum": 1, "lag": 0, "tma": 0},  # the same, cp.async loads
+    {"dq_accum": 1},  # dQ from the dK/dV kernel: fp32 reductions, then a convert pass
+    {"dq_accum": 1, "tma": 0},  # the same, cp.async loads
 ]
 
 
