@@ -196,10 +196,11 @@ def forward_wgmma(
     is one thread issuing TMA copies (``cp.async.bulk.tensor``, tensor maps encoded on the
     host per call, 128-byte swizzle = this kernel's panel layout, rows past Sq/Sk zero-filled by
     the hardware) that complete on the full barriers by transaction bytes; the loader warpgroup
-    keeps 40 registers, the consumers get the rest.  Without ``ws`` (plain loop order only):
-    thread 0 issues the same copies where the all-threads loop issued ``cp.async``, and every
-    thread waits on the slot's full mbarrier instead of its own copies + a ``__syncthreads``
-    (NOT YET RUN ON A GPU, session 9: compiles, ptxas-clean).
+    keeps 40 registers, the consumers get the rest.  Without ``ws``: thread 0 issues the same
+    copies where the all-threads loop issued ``cp.async``, and every thread waits on the slot's
+    full mbarrier instead of its own copies + a ``__syncthreads`` (plain order: the hd64
+    defaults, perf-notes v11; FA3 order: v13, NOT YET RUN ON A GPU, so only where ``tma`` is
+    given explicitly — a default ``tma`` is dropped there).
 
     ``persistent`` (with ``tma``; 0 = off, else the number of CTAs, e.g. the card's SM count):
     a fixed grid of CTAs, each walking the query tiles ``cta, cta + P, ...`` (P = the grid);
@@ -570,8 +571,8 @@ def forward_wgmma(
             # tile j-1 left, issue S_{j+1}, O *= alpha_j, issue P V_j; wait for
             # S_{j+1} and run its softmax while P V_j is on the tensor cores; wait
             # for P V_j (its P registers are read asynchronously), pack P_{j+1}.
-            # Tile j+1 must have landed at step j: loaded >= 2 steps ahead, so
-            # num_stages >= 3.  The last P V is peeled off the loop.  With tma, thread 0
+            # Tile j+1 must have landed at step j: issued at step j-1 into the slot
+            # tile j-2 left, so num_stages >= 3.  The last P V is peeled off the loop.  With tma, thread 0
             # refills by TMA and everyone waits on the slot's full barrier (v13).
             if tma:
                 wait_full(0)  # tile 0 (and Q) landed
@@ -821,10 +822,14 @@ def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
 
 def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
-    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob)."""
+    no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob),
+    a default ``tma`` where they ask for the FA3 order without a loader warpgroup (that loop's
+    TMA form, v13, has not run on a GPU yet: it is built only where ``tma`` is given)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
+    if "tma" not in knobs and not k.get("ws") and k.get("overlap"):
+        k["tma"] = 0
     return k
 
 

@@ -209,7 +209,7 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
 
 @pytest.mark.parametrize("d,causal,knobs", [
     (128, True, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3, "tma": 0}),  # all threads load
-    (64, False, {"overlap": 1, "num_stages": 3}),  # the same order, one warpgroup, thread 0 loads by TMA
+    (64, False, {"overlap": 1, "num_stages": 3, "tma": 1}),  # the same order, one warpgroup, thread 0 loads by TMA
     (128, False, {"ws": 1, "overlap": 0, "num_wg": 2, "block_n": 112, "num_stages": 2, "tma": 0}),  # registers moved
     (64, False, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 96, "num_stages": 2, "tma": 0}),  # 4 warpgroups
     (64, True, {"ws": 1, "overlap": 0, "num_wg": 3, "block_n": 64, "num_stages": 2, "tma": 0}),  # no setmaxnreg
@@ -301,6 +301,7 @@ def test_wgmma_records_without_pingpong_still_build():
     wl = Workload(128, "bfloat16", False)
     old = {"num_wg": 2, "block_n": 64, "num_stages": 3, "defer_pv_wait": 0, "ws": 0, "overlap": 1}
     assert effective_knobs(wl, target, old)["pingpong"] == 0
+    assert effective_knobs(wl, target, old)["tma"] == 0  # the GPU-checked cp.async loop, not v13's TMA form
     scheduled_func(wl, target, old)  # builds (pingpong with ws=0 would be refused)
     assert effective_knobs(wl, target, {**old, "ws": 1})["pingpong"] == 1
     assert effective_knobs(wl, target, None)["pingpong"] == 1

@@ -70,9 +70,9 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"block_n": 64, "num_stages": 3}),  # 3 slots
     (64, {"block_n": 64, "defer_pv_wait": 0}),  # the short-sequence kernel
     # FA3 order without a loader warpgroup, thread 0 loads by TMA (session 10, not yet run on a GPU)
-    (64, {"overlap": 1, "num_stages": 3}),  # over the hd64 defaults: one warpgroup, 128-key tiles
-    (64, {"overlap": 1, "num_stages": 3, "block_n": 64}),
-    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3}),
+    (64, {"overlap": 1, "num_stages": 3, "tma": 1}),  # over the hd64 defaults: one warpgroup, 128-key tiles
+    (64, {"overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1}),
+    (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3, "tma": 1}),
     (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1}),
 ]
 
