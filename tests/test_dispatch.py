@@ -49,3 +49,38 @@ def test_exported_kernel_arch_fallback(monkeypatch):
     assert runtime.exported_kernel("cuda", "sm_80", wl) is None
     monkeypatch.setattr(runtime, "_kernels", {("cuda", "sm_90a", wl): sentinel})
     assert runtime.exported_kernel("cuda", "sm_90", wl) is None  # sm_90a code needs an sm_90a device
+
+
+@pytest.mark.parametrize("dq_accum", [False, True])
+def test_backward_into_runs_the_module_it_is_given(dq_accum):
+    """``ops._backward_into`` calls a backward module's kernels in order with the arguments
+    their signatures take: the delta pass, then dK/dV and dQ, or (``dq_accum``: the dK/dV kernel
+    adds dQ's fp32 partial sums) dK/dV into a zeroed fp32 buffer, then its conversion."""
+    from tvm_flash.build import BackwardKernels
+
+    calls = []
+
+    def kernel(name):
+        def run(*args):
+            calls.append((name, args))
+            if name == "flash_bwd_prep":
+                args[3].fill_(7.0)  # delta
+            if name == "flash_bwd_dkdv" and dq_accum:
+                assert args[9].dtype == torch.float32 and args[9].shape == q.shape and not args[9].any()
+        return run
+
+    names = ["flash_bwd_prep", "flash_bwd_dkdv", "flash_bwd_dq_convert" if dq_accum else "flash_bwd_dq"]
+    kernels = BackwardKernels({n: kernel(n) for n in names}, dict.fromkeys(names))
+    assert kernels.dq_accum == dq_accum and len(kernels) == 3
+    q, k, v = torch.randn(1, 4, 5, 64), torch.randn(1, 2, 6, 64), torch.randn(1, 2, 6, 64)
+    out, dout, lse, dlse = torch.randn_like(q), torch.randn_like(q), torch.randn(1, 4, 5), torch.zeros(1, 4, 5)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ops._backward_into(kernels, q, k, v, out, dout, lse, dlse, dq, dk, dv, 0.125)
+    assert [c[0] for c in calls] == names
+    dkdv_args, dq_args = calls[1][1], calls[2][1]
+    assert dkdv_args[6].eq(7.0).all()  # delta in place of dLSE
+    assert dkdv_args[7] is dk and dkdv_args[8] is dv and dkdv_args[-1] == 0.125
+    if dq_accum:
+        assert len(dkdv_args) == 11 and dq_args[0] is dkdv_args[9] and dq_args[1] is dq and dq_args[2] == 0.125
+    else:
+        assert len(dkdv_args) == 10 and dq_args[7] is dq and len(dq_args) == 9
