@@ -210,7 +210,8 @@ def forward_wgmma(
 
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
-    without ``overlap`` also s (its __syncthreads) and l (its refill loads).
+    without ``overlap`` also s (its __syncthreads) and l (its refill loads); o: the epilogue's
+    global stores of O and LSE.
     """
     if defer_pv_wait is None:
         defer_pv_wait = not causal
@@ -220,7 +221,7 @@ def forward_wgmma(
     PERSIST = bool(persistent)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
-    AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S = (c in ablate for c in "eslpq")
+    AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S, AB_OUT = (c in ablate for c in "eslpqo")
     if tma and not ws and (AB_SYNC or AB_LOAD):  # threads would wait on tiles never loaded / lose a phase
         raise ValueError("ablate s / l do not apply to tma without ws")
     BM = 64 * NWG
@@ -618,7 +619,7 @@ def forward_wgmma(
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
             row = m0 + wg * 64 + warp * 16 + g + hh * 8
-            if row < Sq:
+            if row < Sq and not AB_OUT:
                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
                 for dt in T.unroll(D // 8):
                     pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
