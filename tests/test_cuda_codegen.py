@@ -42,6 +42,18 @@ def _nvcc(tmp_path, src, arch="-arch=sm_90"):
 SM90A = "-gencode=arch=compute_90a,code=sm_90a"
 
 
+def _assemble_wgmma(tmp_path, src, kernels):
+    """Assemble wgmma CUDA for sm_90a and check ptxas' report: it assembles, no wgmma is
+    serialized (warnings C7510-C7519), and each of the ``kernels`` kernels has no stack frame
+    and no spill.  Returns nvcc's result (its stderr holds the register counts)."""
+    res = _nvcc(tmp_path, src, SM90A)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]  # C7510-C7519: "wgmma ... serialized"
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == kernels and all(f == ("0", "0") for f in frames), res.stderr
+    return res
+
+
 @pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True),
                                             (256, "float32", True)])
 def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
@@ -77,11 +89,7 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     funcs = sched.schedule_backward(d, dtype, causal)
     assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
+    _assemble_wgmma(tmp_path, src, 3)
 
 
 @pytest.mark.parametrize("d,causal,knobs", [(128, False, {"tma": 1}), (128, True, {"tma": 1}),
@@ -97,11 +105,7 @@ def test_wgmma_backward_tma_assembles(tmp_path, d, causal, knobs):
 
     funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, **knobs)
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
+    _assemble_wgmma(tmp_path, src, 3)
     assert "cp.async.cg" not in src and src.count("const __grid_constant__ CUtensorMap") == 2 * 2 * 4
     for name in ("tm_q", "tm_do", "tm_k", "tm_v"):
         assert src.count(f"&({name})") % (d // 64) == 0 and src.count(f"&({name})") >= 2 * (d // 64)
@@ -120,11 +124,7 @@ def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal):
     funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1)  # (a default lag is dropped)
     assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert len(frames) == 3 and all(f == ("0", "0") for f in frames), res.stderr
+    _assemble_wgmma(tmp_path, src, 3)
     assert "red.relaxed.gpu.global.add.v2.f32" in src and "m64n64k16.f32.bf16.bf16 {" in src and ", 1, 1, 1, 1; }" in src
 
 
@@ -158,11 +158,7 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert schedule_module("cuda", wl).__name__.endswith("cuda_tc")  # plain sm_90: mma.sync
     src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target)}), target=target).mod.imports[0].inspect_source()
     assert src.count("_mma_async_sync_aligned_m64n") >= 4  # two helpers (ss, rs), each called
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]  # C7510-C7519: "wgmma ... serialized"
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert frame and frame.groups() == ("0", "0"), res.stderr
+    res = _assemble_wgmma(tmp_path, src, 1)
     knobs = effective_knobs(wl, target, None)
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
                             bool(knobs.get("tma")))
@@ -184,11 +180,7 @@ def test_wgmma_short_sequence_kernel_compiles(tmp_path, causal):
     assert knobs["block_n"] == 64 and knobs != sched.default_knobs(64, "bfloat16", causal)
     assert sched.short_knobs(128, "bfloat16", causal) is None
     src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target, knobs)}), target=target).mod.imports[0].inspect_source()
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert frame and frame.groups() == ("0", "0"), res.stderr
+    _assemble_wgmma(tmp_path, src, 1)
 
 
 def test_wgmma_knobs_that_would_spill_are_rejected():
@@ -237,11 +229,7 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     sched = schedule_module(target, Workload(d, "bfloat16", causal))
     func = sched.schedule(d, "bfloat16", causal, **knobs)
     src = tvm.compile(tvm.IRModule({"flash_fwd": func}), target=target).mod.imports[0].inspect_source()
-    res = _nvcc(tmp_path, src, SM90A)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert not re.search(r"C751\d", res.stderr), res.stderr[-2000:]
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
-    assert frame and frame.groups() == ("0", "0"), res.stderr
+    res = _assemble_wgmma(tmp_path, src, 1)
     knobs = sched.merge_knobs(d, "bfloat16", causal, knobs)
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
                             bool(knobs.get("tma")))
