@@ -59,7 +59,7 @@ def _assemble_wgmma(tmp_path, src, kernels):
 def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
     import tvm
 
-    from tvm_flash.build import Workload, backward_schedule_module, make_target
+    from tvm_flash.build import backward_schedule_module, make_target
 
     funcs = backward_schedule_module("cuda").schedule_backward(d, dtype, causal)
     assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq"]
