@@ -144,10 +144,10 @@ class BackwardKernels(tuple):
     dq_accum: bool
 
     def __new__(cls, mod, funcs):
-        self = super().__new__(cls, (mod["flash_bwd_dkdv"],
-                                     mod["flash_bwd_dq_convert" if "flash_bwd_dq_convert" in funcs else "flash_bwd_dq"],
+        dq_accum = "flash_bwd_dq_convert" in funcs
+        self = super().__new__(cls, (mod["flash_bwd_dkdv"], mod["flash_bwd_dq_convert" if dq_accum else "flash_bwd_dq"],
                                      mod["flash_bwd_prep"] if "flash_bwd_prep" in funcs else None))
-        self.dq_accum = "flash_bwd_dq_convert" in funcs
+        self.dq_accum = dq_accum
         return self
 
 

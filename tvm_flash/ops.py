@@ -219,7 +219,7 @@ def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, s
         delta = torch.empty_like(lse)
         prep(out, grad_out, grad_lse, delta)
         grad_lse = delta
-    if getattr(kernels, "dq_accum", False):
+    if kernels.dq_accum:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, dq_acc, scale)
         dq_fn(dq_acc, dq, scale)
