@@ -1,9 +1,10 @@
 """Where the wgmma kernel's time goes: time variants that leave one stage of the loop out.
 
 Each variant is ``schedules/cuda_wgmma.py`` built with ``ablate=<letters>`` (e: no exp2 in the
-softmax, p: no P V wgmma, q: no Q K^T wgmma, o: no O / LSE stores; for the all-threads loop
-without overlap also s: no __syncthreads in the loop, l: no K/V refill loads); its output is
-wrong by design, only its time counts.  The difference to the full kernel is an upper bound of
+softmax, p: no P V wgmma, q: no Q K^T wgmma, o: no O / LSE stores, the threads still computing
+them, with ``"tma_store": 0``; for the all-threads loop without overlap also s: no
+__syncthreads in the loop, l: no K/V refill loads); its output is wrong by design, only its
+time counts.  The difference to the full kernel is an upper bound of
 what that stage costs on the critical path.  Prints TFLOP/s at the
 kernel's nominal FLOP count (median of do_bench), beside SDPA's flash and cuDNN backends.
 

@@ -97,6 +97,29 @@ def _mbar(op, addr, *args):
     return T.cuda.func_call(f"tvm_flash_{op}", addr, *args, source_code=src)
 
 
+# tma_store: the epilogue's O tile through shared memory.  The stores into shared memory are
+# hidden from TVM (its barrier pass knows nothing of the async proxy; the named barrier after
+# them orders them), the TMA store of a (64 rows x 64 columns) box reads the 128-byte-swizzled
+# panel the Q tile came in by, and the issuing thread waits until the copies have read shared
+# memory before the CTA may exit.
+_EPI_ASM = {
+    "st_shared_u32": ("void* p, unsigned v", "st.shared.b32 [%0], %1;", '"r"((unsigned)__cvta_generic_to_shared(p)), "r"(v)'),
+    "tma_store_4d": ("void* s, unsigned long long tmap, int c0, int c1, int c2, int c3",
+                     "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];",
+                     '"l"(tmap), "r"((unsigned)__cvta_generic_to_shared(s)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)'),
+    "bulk_commit": ("", "cp.async.bulk.commit_group;", ""),
+    "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),
+}
+
+
+def _epi(op, *args):
+    """Call the epilogue helper ``op`` of ``_EPI_ASM``."""
+    param, asm, operands = _EPI_ASM[op]
+    src = (f"__forceinline__ __device__ void tvm_flash_{op}({param}) {{\n"
+           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
+    return T.cuda.func_call(f"tvm_flash_{op}", *args, source_code=src)
+
+
 def ws_registers(num_wg, tma=False):
     """(launch, loader, consumer) registers per thread of the warp-specialized variant: num_wg
     consumer warpgroups + 1 loader warpgroup.  The launch gives every thread ``launch`` registers
@@ -123,7 +146,7 @@ def _acc_regs(head_dim, block_n):
 
 
 def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False,
-           persistent=0):
+           persistent=0, tma_store=False):
     if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -140,6 +163,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("persistent needs tma=1 and ws=1 (the loader warpgroup runs ahead across query tiles)")
     if persistent < 0:
         raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
+    if tma_store and (not tma or persistent):
+        raise ValueError("tma_store needs tma=1 and persistent=0 (O is staged where the Q tile was)")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
@@ -169,6 +194,7 @@ def forward_wgmma(
     pingpong: bool = False,
     tma: bool = False,
     persistent: int = 0,
+    tma_store: bool = False,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -199,8 +225,8 @@ def forward_wgmma(
     keeps 40 registers, the consumers get the rest.  Without ``ws``: thread 0 issues the same
     copies where the all-threads loop issued ``cp.async``, and every thread waits on the slot's
     full mbarrier instead of its own copies + a ``__syncthreads`` (plain order: the hd64
-    defaults, perf-notes v11; FA3 order: v13, NOT YET RUN ON A GPU, so only where ``tma`` is
-    given explicitly — a default ``tma`` is dropped there).
+    defaults, perf-notes v11; FA3 order: v13, exact but slower than the defaults, so only
+    where ``tma`` is given explicitly — a default ``tma`` is dropped there).
 
     ``persistent`` (with ``tma``; 0 = off, else the number of CTAs, e.g. the card's SM count):
     a fixed grid of CTAs, each walking the query tiles ``cta, cta + P, ...`` (P = the grid);
@@ -208,22 +234,31 @@ def forward_wgmma(
     barriers, so the next tile's Q and first K/V tiles load while the consumers finish the last
     P V and write the epilogue (the per-CTA skeleton that dominates short sequences, perf-notes v7).
 
+    ``tma_store`` (with ``tma``, not ``persistent``): the epilogue writes each warpgroup's O rows
+    into the shared memory its Q rows occupied (free once its last Q K^T is complete; the same
+    128-byte-swizzled panels, conflict-free 4-byte stores), and one thread per warpgroup stores
+    them with TMA (rows past Sq clipped by the hardware) in place of 4-byte global stores from
+    every thread (perf-notes v14: the stores were 16% of the kernel at hd128 seq 512).
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads); o: the epilogue's
-    global stores of O and LSE.
+    global stores of O and LSE (behind a branch never taken, so the math they consume stays:
+    skipped outright, nvcc deleted the whole loop).
     """
     if defer_pv_wait is None:
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent, tma_store)
     PERSIST = bool(persistent)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S, AB_OUT = (c in ablate for c in "eslpqo")
     if tma and not ws and (AB_SYNC or AB_LOAD):  # threads would wait on tiles never loaded / lose a phase
         raise ValueError("ablate s / l do not apply to tma without ws")
+    if tma_store and AB_OUT:
+        raise ValueError("ablate o leaves out the threads' global stores: use tma_store=0")
     BM = 64 * NWG
     NT = 128 * (NWG + int(ws))  # threads: num_wg consumer warpgroups (+ 1 loader when ws)
     LT = 128 if ws else NT  # threads that load K/V (and Q)
@@ -619,13 +654,30 @@ def forward_wgmma(
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
             row = m0 + wg * 64 + warp * 16 + g + hh * 8
-            if row < Sq and not AB_OUT:
+            if tma_store:  # O / l into this warpgroup's Q rows (row % 8 = g: chunk dt ^ g)
+                alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
+                for dt in T.unroll(D // 8):
+                    pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
+                    _epi("st_shared_u32", T.address_of(smem[(dt // 8) * Q_PANEL + (wg * 64 + warp * 16 + g + hh * 8) * 64
+                                                            + ((dt % 8) ^ g) * 8 + t4 * 2]), pk[0])
+                if row < Sq and t4 == 0:
+                    lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
+            elif row < Sq and (not AB_OUT or sl2 < T.float32(0)):  # ablate o: scale >= 0, so never
                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
                 for dt in T.unroll(D // 8):
                     pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
                     o32[(((bz * Hq + hq) * Sq + row) * D + dt * 8 + t4 * 2) // 2] = pk[0]
                 if t4 == 0:
                     lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
+        if tma_store:  # visible to the async proxy, then the warpgroup's first thread stores them
+            fence_proxy()
+            _named_bar("sync", 1 + NWG + wg, 128)  # (1..NWG: the ping-pong's)
+            if tx % 128 == 0:
+                for p in T.unroll(NP):
+                    _epi("tma_store_4d", T.address_of(smem[p * Q_PANEL + wg * 64 * 64]), T.address_of(tm_o),
+                         p * 64, m0 + wg * 64, hq, bz)
+                _epi("bulk_commit")
+                _epi("bulk_wait_read")  # shared memory must outlive the copies' reads
 
     @body_macro
     def init_barriers():
@@ -767,7 +819,12 @@ def forward_wgmma(
             encode(tm_k, k, Sk, Hkv, BN)
             tm_v = T.Bind(T.tvm_stack_alloca("tensormap", 1))
             encode(tm_v, v, Sk, Hkv, BN)
-            grid()
+            if tma_store:  # O: boxes of one panel x one warpgroup's 64 rows
+                tm_o = T.Bind(T.tvm_stack_alloca("tensormap", 1))
+                encode(tm_o, o, Sq, Hq, 64)
+                grid()
+            else:
+                grid()
         else:
             grid()
     # fmt: on
@@ -798,11 +855,13 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     / 380 at 4096 for v5's two all-threads-loading warpgroups; 64-key tiles 446 / 447 and 410 /
     431).  hd128 warp specialized with FA3's intra- and inter-warpgroup (ping-pong) order,
     128-key tiles, 3 slots, TMA loader: 392-625 / 247-614 over seq 512-16k; at seq 4096 hd192
-    600 (ping-pong) / 471-479, hd256 562 / 491 (warp specialized, FA3 order)."""
+    600 (ping-pong) / 471-479, hd256 562 / 491 (warp specialized, FA3 order).  Every head dim:
+    the epilogue by TMA stores (v14: hd128 seq 512 / 2048 392 -> 434 / 546 -> 597, causal seq
+    512 / 4096 248 -> 282 / 518 -> 552; hd64 short kernel +3-4%; hd256 seq 1024 +7%)."""
     if head_dim <= 64:
         return {"num_wg": 1, "block_n": 128, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0,
-                "tma": 1}
-    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0, "tma": 1}
+                "tma": 1, "tma_store": 1}
+    ws = {"num_wg": 2, "defer_pv_wait": 0, "ws": 1, "overlap": 1, "pingpong": 0, "tma": 1, "tma_store": 1}
     if head_dim <= 128:
         return {**ws, "block_n": 128, "num_stages": 3, "pingpong": 1}
     if head_dim <= 192:
@@ -825,12 +884,16 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     """``knobs`` over the defaults; a default ``pingpong`` is dropped where the given knobs leave
     no two consumer warpgroups in the FA3 order to alternate (e.g. a record without the knob),
     a default ``tma`` where they ask for the FA3 order without a loader warpgroup (that loop's
-    TMA form, v13, has not run on a GPU yet: it is built only where ``tma`` is given)."""
+    TMA form, v13, is exact but slower than the defaults; such records keep the cp.async loop
+    they were timed with), a default ``tma_store`` where they turn ``tma`` off or ask for
+    ``persistent`` CTAs."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
     if "tma" not in knobs and not k.get("ws") and k.get("overlap"):
         k["tma"] = 0
+    if "tma_store" not in knobs and (not k.get("tma") or k.get("persistent")):
+        k["tma_store"] = 0
     return k
 
 
@@ -838,14 +901,14 @@ def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
            bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)),
-           int(k.get("persistent", 0)))
+           int(k.get("persistent", 0)), bool(k.get("tma_store", False)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = merge_knobs(head_dim, dtype, causal, knobs)
-    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma"):  # (persistent: a CTA count)
+    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma", "tma_store"):  # (persistent: a CTA count)
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

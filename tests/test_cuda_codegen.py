@@ -215,6 +215,10 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (64, True, {"num_wg": 2, "block_n": 96, "num_stages": 3}),  # all threads compute, thread 0 loads by TMA, 2 warpgroups
     (64, False, {"block_n": 64, "defer_pv_wait": 0}),  # the same, one warpgroup: the short-sequence kernel
     (64, False, {"tma": 0}),  # all threads load by cp.async
+    # the epilogue through shared memory and TMA stores
+    (128, True, {"tma_store": 1}),  # the warp-specialized defaults (two consumer warpgroups, ping-pong)
+    (64, False, {"block_n": 64, "defer_pv_wait": 0, "tma_store": 1}),  # one all-threads warpgroup
+    (256, False, {"tma_store": 1}),  # 4 panels
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -233,14 +237,17 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     knobs = sched.merge_knobs(d, "bfloat16", causal, knobs)
     _assert_setmaxnreg_pool(src, res.stderr, knobs["num_wg"] if knobs.get("ws") else None, tmp_path / "k.cubin",
                             bool(knobs.get("tma")))
-    if knobs.get("tma"):  # tensor maps as kernel parameters, one TMA copy per 64-column panel of Q, K, V
-        assert src.count("const __grid_constant__ CUtensorMap") == 2 * 3  # declaration + definition
+    if knobs.get("tma"):  # tensor maps as kernel parameters, one TMA copy per 64-column panel of Q, K, V (O)
+        assert src.count("const __grid_constant__ CUtensorMap") == 2 * (4 if knobs.get("tma_store") else 3)
         assert src.count("&(tm_q)") == d // 64 and src.count("&(tm_k)") == src.count("&(tm_v)")
+        if knobs.get("tma_store"):  # one store per panel, read from shared memory before the CTA may exit
+            assert src.count("&(tm_o)") == d // 64 and "cp.async.bulk.wait_group.read 0" in src
+            assert "o32_ptr[" not in src  # no global store of O from the threads
         if knobs["ws"]:  # the loader's one loop; without ws the prologue's copies and the refill's
             assert src.count("&(tm_k)") == d // 64
         else:
             assert src.count("&(tm_k)") % (d // 64) == 0 and "cp_async_arrive" not in src
-        assert "cp.async" not in src.replace("cp.async.bulk.tensor", "")
+        assert not re.search(r"cp\.async\.(?!bulk)", src)  # no cp.async copies (bulk: TMA)
 
 
 def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None, tma=False):
@@ -293,6 +300,10 @@ def test_wgmma_records_without_pingpong_still_build():
     scheduled_func(wl, target, old)  # builds (pingpong with ws=0 would be refused)
     assert effective_knobs(wl, target, {**old, "ws": 1})["pingpong"] == 1
     assert effective_knobs(wl, target, None)["pingpong"] == 1
+    # the epilogue's TMA stores come with the TMA loads, not with a record's cp.async loop or persistent CTAs
+    assert effective_knobs(wl, target, old)["tma_store"] == 0
+    assert effective_knobs(wl, target, {**old, "ws": 1})["tma_store"] == 1
+    assert effective_knobs(wl, target, {"persistent": 132})["tma_store"] == 0
 
 
 def test_wgmma_knob_rules():
@@ -320,3 +331,6 @@ def test_wgmma_knob_rules():
         sched.check_knobs(64, "bfloat16", False, {"tma": 1, "persistent": 132})
     with pytest.raises(ValueError, match="persistent must be 0"):
         sched.check_knobs(128, "bfloat16", False, {"persistent": -1})
+    for bad in ({"tma": 0}, {"persistent": 132}):  # O is staged where the Q tile was
+        with pytest.raises(ValueError, match="tma_store needs"):
+            sched.check_knobs(128, "bfloat16", False, {**bad, "tma_store": 1})

@@ -69,11 +69,19 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (64, {"num_wg": 2, "block_n": 64, "num_stages": 2, "defer_pv_wait": 1}),  # two warpgroups (hd64 defaults: one)
     (64, {"block_n": 64, "num_stages": 3}),  # 3 slots
     (64, {"block_n": 64, "defer_pv_wait": 0}),  # the short-sequence kernel
-    # FA3 order without a loader warpgroup, thread 0 loads by TMA (session 10, not yet run on a GPU)
+    # FA3 order without a loader warpgroup, thread 0 loads by TMA (v13: exact, slower than the defaults)
     (64, {"overlap": 1, "num_stages": 3, "tma": 1}),  # over the hd64 defaults: one warpgroup, 128-key tiles
     (64, {"overlap": 1, "num_stages": 3, "block_n": 64, "tma": 1}),
     (128, {"ws": 0, "overlap": 1, "num_wg": 2, "block_n": 64, "num_stages": 3, "tma": 1}),
     (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1}),
+    # the epilogue through shared memory and TMA stores (v14, the default wherever tma is; rows
+    # past Sq clipped by the hardware), and without it under the defaults' TMA loads
+    (128, {"tma_store": 0}),  # the warp-specialized defaults
+    (64, {"tma_store": 0}),  # the hd64 defaults: one warpgroup, thread 0 loads by TMA
+    (64, {"block_n": 64, "defer_pv_wait": 0, "tma_store": 1}),  # the short-sequence kernel
+    (192, {"tma_store": 1}),  # 3 panels
+    (256, {"tma_store": 1}),  # 4 panels
+    (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1, "tma_store": 1}),
 ]
 
 
