@@ -198,7 +198,9 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     torch.cuda.synchronize()
     err = max((x[:1, :1].double() - r).abs().max().item() for x, r in zip((dq, dk, dv), ref))
     ms = do_bench(run, warmup=5, rep=50, return_mode="median")
-    acc = [torch.zeros(q.shape, dtype=torch.float32, device=q.device)] if kernels.dq_accum else []  # (timing only)
+    b, hq, sq, _ = q.shape
+    acc = ([torch.zeros((b, hq, (sq + 63) // 64, 64 * d), dtype=torch.float32, device=q.device)]
+           if kernels.dq_accum else [])  # (timing only)
     ms_dkdv = do_bench(lambda: kernels[0](q, k, v, out, dout, lse, dlse, dk, dv, *acc, scale), warmup=5, rep=50,
                        return_mode="median")  # dlse for delta: same time
     return (f"{flops / ms / 1e9:7.1f} TFLOP/s ({ms:.3f} ms = dK/dV {ms_dkdv:.3f} + delta pass and dQ (dq_accum: zeroing + convert) ~{ms - ms_dkdv:.3f}, "

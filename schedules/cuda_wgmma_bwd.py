@@ -61,16 +61,10 @@ def _st_shared(addr, value):
 
 
 # dq_accum: the packed dS^T pairs into shared memory (hidden from TVM's barrier pass like the
-# LSE/delta stores: the explicit barrier after them orders them), and dQ's fp32 partial sums
-# into global memory by vector reductions (two adjacent columns per instruction)
+# LSE/delta stores: the explicit barrier after them orders them)
 ST_SHARED_U32_SRC = """
 __forceinline__ __device__ void tvm_flash_st_shared_u32(void* p, unsigned v) {
   asm volatile("st.shared.b32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "r"(v) : "memory");
-}
-"""
-RED_ADD_V2_SRC = """
-__forceinline__ __device__ void tvm_flash_red_add_v2(float* p, float a, float b) {
-  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" :: "l"(p), "f"(a), "f"(b) : "memory");
 }
 """
 
@@ -79,8 +73,32 @@ def _st_shared_u32(addr, value):
     return T.cuda.func_call("tvm_flash_st_shared_u32", addr, value, source_code=ST_SHARED_U32_SRC)
 
 
-def _red_add_v2(addr, a, b):
-    return T.cuda.func_call("tvm_flash_red_add_v2", addr, a, b, source_code=RED_ADD_V2_SRC)
+# dq_accum: dQ's fp32 partial sums go from registers to a shared-memory staging tile (hidden
+# stores, ordered by the named barrier after them), then one thread per warpgroup adds the whole
+# tile into global memory by a TMA bulk reduction (FA3's design).  name -> (C parameters, PTX,
+# asm operands); one helper per name (TVM emits a func_call's source once per name).
+_DQ_ASM = {
+    "st_shared_v4": ("void* p, float a, float b, float c, float d", "st.shared.v4.f32 [%0], {%1, %2, %3, %4};",
+                     '"r"((unsigned)__cvta_generic_to_shared(p)), "f"(a), "f"(b), "f"(c), "f"(d)'),
+    "bar_sync": ("int id, int n", "bar.sync %0, %1;", '"r"(id), "r"(n)'),
+    # 16 KB (a 64 x 64 fp32 tile) of shared memory added element-wise into global memory
+    # (each element's add is atomic; CTAs and warpgroups may add into one tile), as one bulk
+    # async-group of this thread
+    "bulk_reduce_add": ("float* g, void* s",
+                        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 16384;\\n"
+                        "cp.async.bulk.commit_group;",
+                        '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
+    "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),  # this thread's bulk groups have read their source
+    "bulk_wait": ("", "cp.async.bulk.wait_group 0;", ""),  # ... and completed
+}
+
+
+def _dq_op(op, *args):
+    """Call the dq_accum helper ``op`` of ``_DQ_ASM``."""
+    param, asm, operands = _DQ_ASM[op]
+    src = (f"__forceinline__ __device__ void tvm_flash_bwd_{op}({param}) {{\n"
+           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
+    return T.cuda.func_call(f"tvm_flash_bwd_{op}", *args, source_code=src)
 
 
 def supports(head_dim: int, dtype: str) -> bool:
@@ -97,10 +115,20 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     kernels share ``num_stages`` and a 3-slot dQ ring of 128-key tiles at hd128 exceeds shared
     memory) (H200 sweeps, perf-notes backward v2).  ``tma`` (thread 0 loads the tiles by TMA):
     +2 to +16% over cp.async at every shape timed, kernel pair alone on the H200, bf16
-    (perf-notes backward v3)."""
+    (perf-notes backward v3).  ``dq_accum`` (dQ from the dK/dV kernel, TMA bulk reductions) with
+    causal masking: B2 H16 S4096 hd128 349 -> 373 TFLOP/s, seq 16k 424 -> 487, hd64 S4096
+    272 -> 283, seq 1024 level; without it a loss of 1-6% (perf-notes backward v5).  Its
+    summation order varies between runs: ``deterministic`` turns it off."""
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
-            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1, "dq_accum": 0}
+            "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
+            "dq_accum": int(causal)}
+
+
+def deterministic_knobs() -> dict:
+    """Knobs over the defaults for bitwise-reproducible gradients (``torch.use_deterministic_algorithms``):
+    the dQ kernel of its own in place of ``dq_accum``'s atomic bulk reductions."""
+    return {"dq_accum": 0}
 
 
 def _tile_macros(D, LT, cp_async):
@@ -151,7 +179,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     bars = 8 * num_stages if tma else 0  # an mbarrier per ring slot
     smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024 + bars + 16 * block_q  # + lsd
-    smem_dkdv += 2 * 64 * num_wg * block_q if dq_accum else 0  # dS^T
+    smem_dkdv += 2 * 64 * num_wg * block_q + 4 * 64 * 64 * num_wg if dq_accum else 0  # dS^T, dQ_part staging
     smem_dq = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_n) + 1024 + bars
     if max(smem_dkdv, smem_dq) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
@@ -170,12 +198,15 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     thread 0 loads every tile by TMA (tensor maps encoded on the host, 128-byte swizzle = the
     panel layout, rows past the end zero-filled), each ring slot's tile completing on the slot's
     mbarrier; threads wait on it instead of on their own ``cp.async`` copies.  ``dq_accum``
-    (FA2/FA3's 5-GEMM backward; NOT YET RUN ON A GPU, session 10): the dK/dV kernel also
-    computes dQ's share of its keys, dQ_part = dS K (dS^T through shared memory, both operands
-    MN-major), and adds it into an fp32 ``dq_acc`` [B, Hq, Sq, D] (zeroed by the caller) with
-    vector reductions; the second PrimFunc is then ``flash_bwd_dq_convert(dq_acc, dq, scale)``
-    (dq = dq_acc * scale in the output dtype) instead of the dQ kernel, which recomputed S and dP
-    (7 GEMMs in all, now 5).  Summation order varies between runs (atomics)."""
+    (FA2/FA3's 5-GEMM backward): the dK/dV kernel also computes dQ's share of its keys,
+    dQ_part = dS K (dS^T through shared memory, both operands MN-major), stages each
+    warpgroup's fp32 64 x 64 tile in shared memory and adds it into a zeroed fp32 ``dq_acc``
+    [B, Hq, ceil(Sq/64), 64*D] (per query tile, in the staging layout: ``dq_convert``) by one
+    TMA bulk reduction (FA3's design; perf-notes backward v5: 0.28 ms where per-thread
+    ``red.global.add`` cost 0.43 at hd128 S4096); the second PrimFunc is then
+    ``flash_bwd_dq_convert(dq_acc, dq, scale)`` (dq = dq_acc * scale in the output dtype)
+    instead of the dQ kernel, which recomputed S and dP (7 GEMMs in all, now 5).  Summation
+    order varies between runs (atomic adds): the default with causal masking only."""
     _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
@@ -263,14 +294,21 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     DK_Q_OFF = 2 * NP * M_PANEL
     DK_DO_OFF = DK_Q_OFF + NS * NP * Q_PANEL
     DK_DS_OFF = DK_DO_OFF + NS * NP * Q_PANEL  # dq_accum: dS^T (BM keys x BQ = 64 queries, one panel)
-    DK_BAR = DK_DS_OFF + (BM * BQ if dq_accum else 0)  # tma: an mbarrier per ring slot (8 bytes)
+    # dq_accum: each warpgroup's dQ_part (64 x 64 fp32, 16 KB = 8192 elements) staged for the
+    # bulk reduction, fragment-native: float4 c (dqp[4c:4c+4]) of thread i at floats (c*128 + i)*4
+    DK_ST_OFF = DK_DS_OFF + (BM * BQ if dq_accum else 0)
+    ST_WG = 64 * 64 * 4 // 2  # one warpgroup's staging tile, in (2-byte) smem elements
+    DK_BAR = DK_ST_OFF + (NWG * ST_WG if dq_accum else 0)  # tma: an mbarrier per ring slot (8 bytes)
     # dq_accum: each warpgroup's share of dQ (64 queries x 64 columns): hd128 its 64 columns
     # over all BM keys, hd64 all 64 columns over its own 64 keys (both warpgroups add theirs)
     DQ_SPLIT_N = D > 64
     DQ_KSTEPS = BM // 16 if DQ_SPLIT_N else 4
-    DQ_COL_WG = 64 if DQ_SPLIT_N else 0  # per warpgroup: first dQ column, dS^T and K element offsets
-    DQ_A_WG = 0 if DQ_SPLIT_N else 64 * 64
+    DQ_A_WG = 0 if DQ_SPLIT_N else 64 * 64  # per warpgroup: dS^T and K element offsets
     DQ_B_WG = M_PANEL if DQ_SPLIT_N else 64 * 64
+    # dq_acc [B, Hq, ceil(Sq/64), 64*D] fp32: one region of 64*D floats per (batch, head, query
+    # tile), in the staging layout; warpgroup w adds its tile at float w * DQ_ACC_WG of it (hd128:
+    # the two column halves side by side; hd64: both into the one 64 x 64 tile)
+    DQ_ACC_WG = 64 * 64 if DQ_SPLIT_N else 0
     DK_SMEM = DK_BAR + (4 * NS if tma else 0)
     @body_macro
     def lse_delta(t, buf):
@@ -317,9 +355,26 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         fence_proxy()
 
     @body_macro
+    def dq_wait_read():
+        # dq_accum: the issuing thread's bulk reductions have read their staging tile.  ptxas
+        # implements this wait as it does cp.async.wait_group (DEPBAR on one scoreboard, SB0,
+        # which counts both kinds of group), so it also waits for all of this thread's cp.async
+        # copies: without tma it goes right after the step's own cp.async wait (before the
+        # step's first barrier) rather than after the step's prefetch was issued
+        if tx % 128 == 0:
+            _dq_op("bulk_wait_read")
+
+    @body_macro
     def dq_part():
         # dq_accum: once both warpgroups' dS^T rows are there, dQ_part = dS K: A = dS^T and B = K
-        # MN-major from shared memory, m64n64, over DQ_KSTEPS k16 steps of keys; committed
+        # MN-major from shared memory, m64n64, over DQ_KSTEPS k16 steps of keys; committed.  The
+        # last step's bulk reduction (dq_reduce) must have read its staging tile before this
+        # step's dq_reduce overwrites it: with tma its issuing thread waits for that before this
+        # barrier, the last one all of the warpgroup's threads pass before those stores (most of
+        # a step after the reduction was issued: it has long finished reading by then).  Without
+        # tma the wait is at the top of the step (dq_wait_read)
+        if tma:
+            dq_wait_read()
         T.tvm_storage_sync("shared")
         wg_fence()
         for kn in T.unroll(DQ_KSTEPS):
@@ -329,16 +384,20 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
 
     @body_macro
     def dq_reduce(t):
-        # dq_accum: dQ_part (m64n64 layout: rows warp*16 + g + 8*hh, columns 8*dt + 2*t4 + 0..1
-        # of this warpgroup's share) added into dq_acc, rows past Sq skipped
-        hq_t = hk * G + t // n_qt
-        q0 = (i0 + t % n_qt) * BQ
-        for dt in T.unroll(8):
-            for hh in T.unroll(2):
-                row = q0 + warp * 16 + g + hh * 8
-                if row < Sq:
-                    _red_add_v2(T.address_of(dq_acc[bz, hq_t, row, wg * DQ_COL_WG + dt * 8 + t4 * 2]),
-                                dqp[dt * 4 + hh * 2], dqp[dt * 4 + hh * 2 + 1])
+        # dq_accum: dQ_part (m64n64 layout: thread i's dqp[4c + 2hh + e] is row warp*16 + g + 8*hh,
+        # column 8c + 2*t4 + e of this warpgroup's share) into its staging tile as float4 c at
+        # (c*128 + i)*4 (a warp's 32 stores: 512 contiguous bytes, no bank conflict), visible to
+        # the async proxy; once the warpgroup's 128 threads are past their stores (named barrier
+        # 1 + wg; 0 is __syncthreads), its thread 0 adds the tile into dq_acc by one bulk
+        # reduction (rows past Sq are the buffer's padding: dS is 0 there)
+        for c in T.unroll(8):
+            _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + wg * ST_WG + (c * 128 + tx % 128) * 8]),
+                   dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
+        fence_proxy()
+        _dq_op("bar_sync", 1 + wg, 128)
+        if tx % 128 == 0:
+            _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
+                   T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
 
     @body_macro
     def dkdv_step(t, slot, buf):
@@ -463,6 +522,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                             else:
                                 wait_group(PF - 1)  # tile t (and K, V) landed: own copies
                                 fence_proxy()
+                                if dq_accum:  # (dq_part) the last step's dQ staging tile read
+                                    dq_wait_read()
                             T.tvm_storage_sync("shared")  # everyone's; everyone past step t-1
                             if tma:
                                 if tx == 0 and t + PF < n_t:
@@ -482,6 +543,9 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         pin_all(dk_acc, DV_ACC)
                         store_rows(dv_acc, dv32, Hkv, Sk, bz, hk, m0, T.float32(1))
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
+                        if dq_accum:
+                            if tx % 128 == 0:  # the last bulk reduction done (its staging tile read) before exit
+                                _dq_op("bulk_wait")
 
     @body_macro
     def dkdv_entry():
@@ -501,7 +565,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         dk = T.match_buffer(dk_h, (B, Hkv, Sk, D), dtype)
         dv = T.match_buffer(dv_h, (B, Hkv, Sk, D), dtype)
         if dq_accum:
-            dq_acc = T.match_buffer(dq_acc_h, (B, Hq, Sq, D), "float32")
+            dq_acc = T.match_buffer(dq_acc_h, (B, Hq, (Sq + 63) // 64, 64 * D), "float32")
         dk32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dk.data)
         dv32 = T.decl_buffer((B * Hkv * Sk * (D // 2),), "uint32", data=dv.data)
         if tma:
@@ -732,8 +796,12 @@ def delta_pass(head_dim: int, dtype: str):
 
 def dq_convert(head_dim: int, dtype: str):
     """``flash_bwd_dq_convert(dq_acc, dq, scale)`` (``dq_accum``): dq = dq_acc * scale in the
-    output dtype, two elements per thread."""
+    output dtype, dq_acc [B, Hq, ceil(Sq/64), 64*D] in the dK/dV kernel's staging layout (per
+    query tile: D/64 tiles of 64 rows x 64 columns; float4 c of thread i of a tile holds rows
+    r = (i//32)*16 + (i%32)//4 and r + 8, columns 8c + 2*(i%4) + 0..1).  One float4 per thread
+    (coalesced reads), two packed pairs out."""
     D, NT = head_dim, 256
+    F4 = 16 * D  # float4 per query tile
     pack2 = T.ptx[f"cvt.rn.{PTX_TYPE[dtype]}x2.f32"]
 
     # fmt: off
@@ -743,17 +811,26 @@ def dq_convert(head_dim: int, dtype: str):
         B = T.int32()
         Hq = T.int32()
         Sq = T.int32()
-        acc = T.match_buffer(acc_h, (B, Hq, Sq, D), "float32")
+        NQT = T.int32()
+        acc = T.match_buffer(acc_h, (B, Hq, NQT, 64 * D), "float32")
         dq = T.match_buffer(dq_h, (B, Hq, Sq, D), dtype)
-        acc1 = T.decl_buffer((B * Hq * Sq * D,), "float32", data=acc.data)
+        acc1 = T.decl_buffer((B * Hq * NQT * 64 * D,), "float32", data=acc.data)
         dq32 = T.decl_buffer((B * Hq * Sq * (D // 2),), "uint32", data=dq.data)
-        for bx in T.thread_binding((B * Hq * Sq * (D // 2) + NT - 1) // NT, thread="blockIdx.x"):
+        for bx in T.thread_binding((B * Hq * NQT * F4 + NT - 1) // NT, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                v = T.alloc_buffer((4,), "float32", scope="local")
                 pk = T.alloc_buffer((1,), "uint32", scope="local")
-                i = bx * NT + tx
-                if i < B * Hq * Sq * (D // 2):
-                    pack2(pk[0], acc1[2 * i + 1] * scale, acc1[2 * i] * scale)
-                    dq32[i] = pk[0]
+                f = bx * NT + tx
+                if f < B * Hq * NQT * F4:
+                    for e in T.vectorized(4):
+                        v[e] = acc1[f * 4 + e]
+                    i = f % 128
+                    row = (f // F4) % NQT * 64 + (i // 32) * 16 + (i % 32) // 4
+                    col = (f % F4) // 1024 * 64 + (f % 1024) // 128 * 8 + (i % 4) * 2
+                    for hh in T.unroll(2):
+                        if row + hh * 8 < Sq:
+                            pack2(pk[0], v[hh * 2 + 1] * scale, v[hh * 2] * scale)
+                            dq32[((f // (NQT * F4) * Sq + row + hh * 8) * D + col) // 2] = pk[0]
     # fmt: on
     return flash_bwd_dq_convert
 

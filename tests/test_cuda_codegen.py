@@ -86,14 +86,14 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     for other in (Workload(96, dtype, causal), Workload(d, "float32", causal), Workload(256, dtype, causal)):
         assert backward_schedule_module(target, other).__name__.endswith("cuda_simt")
     assert backward_schedule_module(make_target("cuda", "sm_90"), Workload(d, dtype, causal)).__name__.endswith("cuda_simt")
-    funcs = sched.schedule_backward(d, dtype, causal)
-    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq", "flash_bwd_prep"]
+    funcs = sched.schedule_backward(d, dtype, causal)  # causal: dQ from the dK/dV kernel (dq_accum)
+    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert" if causal else "flash_bwd_dq", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
 
 
-@pytest.mark.parametrize("d,causal,knobs", [(128, False, {"tma": 1}), (128, True, {"tma": 1}),
-                                            (64, True, {"tma": 1, "num_stages": 3})])
+@pytest.mark.parametrize("d,causal,knobs", [(128, False, {"tma": 1}), (128, True, {"tma": 1, "dq_accum": 0}),
+                                            (64, True, {"tma": 1, "num_stages": 3, "dq_accum": 0})])
 def test_wgmma_backward_tma_assembles(tmp_path, d, causal, knobs):
     """The backward's TMA loads (thread 0 issues them; mbarrier per ring slot): both kernels
     assemble with no spill and no serialized wgmma, with no cp.async left and one TMA copy per
@@ -111,21 +111,29 @@ def test_wgmma_backward_tma_assembles(tmp_path, d, causal, knobs):
         assert src.count(f"&({name})") % (d // 64) == 0 and src.count(f"&({name})") >= 2 * (d // 64)
 
 
-@pytest.mark.parametrize("d,causal", [(128, False), (64, True)])
-def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal):
+@pytest.mark.parametrize("d,causal,tma", [(128, False, 1), (64, True, 1), (128, True, 0)])
+def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal, tma):
     """``dq_accum`` (dQ's partial sums from the dK/dV kernel): the dK/dV kernel assembles with no
     spill and no serialized wgmma, with the dQ GEMM (both operands transposed from shared memory)
-    and vector fp32 reductions; the module holds the convert kernel instead of the dQ kernel."""
+    and, per warpgroup and step, a shared-memory staging tile added into global memory by one
+    TMA bulk reduction (waited for before the tile is rewritten and before exit); the module
+    holds the convert kernel instead of the dQ kernel."""
     import tvm
 
     from schedules import cuda_wgmma_bwd
     from tvm_flash.build import make_target
 
-    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1)  # (a default lag is dropped)
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, tma=tma)  # (a default lag is dropped)
     assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
-    assert "red.relaxed.gpu.global.add.v2.f32" in src and "m64n64k16.f32.bf16.bf16 {" in src and ", 1, 1, 1, 1; }" in src
+    assert "m64n64k16.f32.bf16.bf16 {" in src and ", 1, 1, 1, 1; }" in src and "red.relaxed" not in src
+    assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in src
+    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    calls = re.findall(r"tvm_flash_bwd_(\w+)\(", dkdv)
+    # per step: wait for the last reduction's reads (tma: before the dQ GEMM's barrier; else at
+    # the top of the step), 8 float4 stores, the named barrier, the reduction; at exit the wait
+    assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
 
 
 def test_wgmma_backward_knob_rules():

@@ -55,7 +55,8 @@ def test_exported_kernel_arch_fallback(monkeypatch):
 def test_backward_into_runs_the_module_it_is_given(dq_accum):
     """``ops._backward_into`` calls a backward module's kernels in order with the arguments
     their signatures take: the delta pass, then dK/dV and dQ, or (``dq_accum``: the dK/dV kernel
-    adds dQ's fp32 partial sums) dK/dV into a zeroed fp32 buffer, then its conversion."""
+    adds dQ's fp32 partial sums) dK/dV into a zeroed fp32 buffer [B, Hq, ceil(Sq/64), 64*D], then
+    its conversion."""
     from tvm_flash.build import BackwardKernels
 
     calls = []
@@ -66,7 +67,8 @@ def test_backward_into_runs_the_module_it_is_given(dq_accum):
             if name == "flash_bwd_prep":
                 args[3].fill_(7.0)  # delta
             if name == "flash_bwd_dkdv" and dq_accum:
-                assert args[9].dtype == torch.float32 and args[9].shape == q.shape and not args[9].any()
+                # tile-major: one region of 64 * D floats per 64 queries (5 queries: one tile)
+                assert args[9].dtype == torch.float32 and args[9].shape == (1, 4, 1, 64 * 64) and not args[9].any()
         return run
 
     names = ["flash_bwd_prep", "flash_bwd_dkdv", "flash_bwd_dq_convert" if dq_accum else "flash_bwd_dq"]
@@ -84,3 +86,25 @@ def test_backward_into_runs_the_module_it_is_given(dq_accum):
         assert len(dkdv_args) == 11 and dq_args[0] is dkdv_args[9] and dq_args[1] is dq and dq_args[2] == 0.125
     else:
         assert len(dkdv_args) == 10 and dq_args[7] is dq and len(dq_args) == 9
+
+
+def test_backward_asks_for_kernels_without_atomics_under_deterministic_algorithms(monkeypatch):
+    """``torch.use_deterministic_algorithms(True)`` reaches the backward's kernel choice (the
+    wgmma backward's causal default adds dQ with atomics; ``deterministic_knobs`` turns that off)."""
+    import tvm_flash
+    from schedules import cuda_wgmma_bwd
+
+    assert cuda_wgmma_bwd.default_knobs_backward(128, True)["dq_accum"] == 1
+    assert cuda_wgmma_bwd.default_knobs_backward(128, False)["dq_accum"] == 0
+    funcs = cuda_wgmma_bwd.schedule_backward(128, "bfloat16", True, **cuda_wgmma_bwd.deterministic_knobs())
+    assert "flash_bwd_dq" in funcs and "flash_bwd_dq_convert" not in funcs
+    seen, real = [], ops._backward_kernels
+    monkeypatch.setattr(ops, "_backward_kernels", lambda *a: seen.append(a[3:]) or real(*a))
+    q, k, v = (torch.randn(1, 2, 40, 32, requires_grad=True) for _ in range(3))
+    for flag in (False, True):
+        torch.use_deterministic_algorithms(flag)
+        try:
+            tvm_flash.attention(q, k, v, causal=True).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [(False,), (True,)]

@@ -42,8 +42,9 @@ def test_cuda_backward_kernels_poisoned(dtype, b, hq, hkv, sq, sk, d, causal, wi
 WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"tma": 0},  # all threads load by cp.async (the defaults: thread 0 by TMA)
     {"tma": 1, "num_stages": 3, "lag": 0, "block_n": 64},  # TMA, two tiles in flight (prologue loop)
-    {"dq_accum": 1},  # dQ from the dK/dV kernel: fp32 reductions, then a convert pass
+    {"dq_accum": 1},  # dQ from the dK/dV kernel: fp32 bulk reductions (TMA), then a convert pass (causal default)
     {"dq_accum": 1, "tma": 0},  # the same, cp.async loads
+    {"dq_accum": 0},  # a dQ kernel of its own (the non-causal default; deterministic_knobs)
 ]
 
 
@@ -60,7 +61,7 @@ def test_wgmma_backward_variants_poisoned(knobs, dtype, b, hq, hkv, sq, sk, d, c
     funcs = cuda_wgmma_bwd.schedule_backward(d, DTYPE_NAMES[dtype], causal, **knobs)
     mod = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a"))
     kernels = BackwardKernels(mod, funcs)
-    assert kernels.dq_accum == bool(knobs.get("dq_accum"))
+    assert kernels.dq_accum == bool({**cuda_wgmma_bwd.default_knobs_backward(d, causal), **knobs}["dq_accum"])
     _check_poisoned(kernels, dtype, b, hq, hkv, sq, sk, d, causal, with_dlse)
 
 
@@ -92,3 +93,29 @@ def test_cuda_backward_through_autograd():
         assert a.is_cuda and a.dtype == q.dtype, name
         err = (a.double().cpu() - r).abs().max().item()
         assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma backward needs a Hopper GPU (sm_90a)")
+def test_deterministic_algorithms_give_reproducible_gradients():
+    """The causal wgmma backward adds dQ with atomics (``dq_accum``): its gradients may differ in
+    the last bit between runs.  Under ``torch.use_deterministic_algorithms(True)`` the backward
+    takes the kernels without atomics, and two runs agree bit for bit (and with the reference)."""
+    import tvm_flash
+
+    wl = Workload(128, "bfloat16", True)
+    assert _backward_kernels("cuda", torch.cuda.current_device(), wl).dq_accum
+    assert not _backward_kernels("cuda", torch.cuda.current_device(), wl, True).dq_accum
+    q, k, v, do = make(1, 4, 2, 700, 700, 128, torch.bfloat16, seed=5)
+    ref = ref_grads(q, k, v, do, True)
+    bounds = grad_bounds(q, k, v, do, True, ref, device="cuda")
+    qc, kc, vc = (t.cuda().requires_grad_() for t in (q, k, v))
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(tvm_flash.attention(qc, kc, vc, causal=True), (qc, kc, vc), do.cuda())
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    for got, r, bound in zip(runs[0], ref, bounds):
+        assert (got.double().cpu() - r).abs().max().item() <= bound

@@ -151,18 +151,21 @@ class BackwardKernels(tuple):
         return self
 
 
-def get_backward_kernels(workload: Workload, target: tvm.target.Target):
+def get_backward_kernels(workload: Workload, target: tvm.target.Target, deterministic: bool = False):
     """``BackwardKernels`` ``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload
     (``compute_backward``), from memory, disk or a fresh build (CPU: ``schedules.cpu``; CUDA:
     ``schedules.cuda_wgmma_bwd`` on sm_90a for fp16/bf16 at head dims 64/128, else
     ``schedules.cuda_simt``).  A module with ``flash_bwd_prep`` (delta = rowsum(dO * O) - dLSE)
-    wants it run first and its delta passed in place of dLSE: ``ops._backward_into``."""
+    wants it run first and its delta passed in place of dLSE: ``ops._backward_into``.
+    ``deterministic``: the schedule's ``deterministic_knobs`` over its defaults, where it has
+    any (kernels that add with atomics: ``cuda_wgmma_bwd``'s ``dq_accum``; the others never do)."""
     sched = backward_schedule_module(target, workload)
-    key = cache_key(workload, target, None, backward=True)
+    knobs = sched.deterministic_knobs() if deterministic and hasattr(sched, "deterministic_knobs") else {}
+    key = cache_key(workload, target, knobs or None, backward=True)
     with _lock:
         fns = _memory.get(key)
         if fns is None:
-            funcs = sched.schedule_backward(workload.head_dim, workload.dtype, workload.causal)
+            funcs = sched.schedule_backward(workload.head_dim, workload.dtype, workload.causal, **knobs)
             mod = _load_or_build(key, workload, target, lambda: tvm.compile(tvm.IRModule(funcs), target=target))
             fns = _memory[key] = BackwardKernels(mod, funcs)
     return fns

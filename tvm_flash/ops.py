@@ -170,11 +170,12 @@ def _flash_fwd_fake(q, k, v, causal, scale):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernels(device_type: str, device_index, workload: Workload):
+def _backward_kernels(device_type: str, device_index, workload: Workload, deterministic: bool = False):
     """``(flash_bwd_dkdv, flash_bwd_dq, flash_bwd_prep or None)`` for a workload on a device:
     LLVM on the CPU; on a GPU the wgmma kernels (Hopper, fp16/bf16, head dims 64/128; with a
     delta pass) or the plain FFMA ones; looked up once per process (the build cache's key costs
-    ~0.1 ms of host time).  Run them with ``_backward_into``."""
+    ~0.1 ms of host time).  ``deterministic``: no atomic adds (bitwise-reproducible gradients;
+    the wgmma backward's causal default adds dQ with atomics).  Run them with ``_backward_into``."""
     if device_type not in ("cpu", "cuda"):
         raise NotImplementedError(f"tvm_flash: no backward kernel for device type {device_type!r}")
     try:
@@ -185,8 +186,8 @@ def _backward_kernels(device_type: str, device_index, workload: Workload):
             f"which failed to import ({err}); exported kernels serve the forward only"
         ) from err
     if device_type == "cpu":
-        return get_backward_kernels(workload, make_target("llvm", "host"))
-    return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)))
+        return get_backward_kernels(workload, make_target("llvm", "host"), deterministic)
+    return get_backward_kernels(workload, make_target("cuda", _cuda_arch(device_index)), deterministic)
 
 
 @torch.library.custom_op("tvm_flash::flash_bwd", mutates_args=())
@@ -202,7 +203,8 @@ def _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal: bool, scale: float
     q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
     lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
     dtype = str(q.dtype).removeprefix("torch.")
-    kernels = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)))
+    kernels = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)),
+                                torch.are_deterministic_algorithms_enabled())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with _on_device(q.device):
         _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, float(scale))
@@ -213,14 +215,16 @@ def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, s
     """Run ``_backward_kernels``' kernels (``build.BackwardKernels``) into dq, dk, dv: the delta
     pass first where there is one (its delta = rowsum(dO * O) - dLSE then takes dLSE's place),
     then dK/dV and dQ (with ``dq_accum``: dK/dV adds dQ's fp32 partial sums into a zeroed
-    buffer, which the second kernel converts)."""
+    buffer [B, Hq, ceil(Sq/64), 64*D], one tile-major region per 64 queries, which the second
+    kernel converts)."""
     dkdv, dq_fn, prep = kernels
     if prep is not None:
         delta = torch.empty_like(lse)
         prep(out, grad_out, grad_lse, delta)
         grad_lse = delta
     if kernels.dq_accum:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        b, hq, sq, d = q.shape
+        dq_acc = torch.zeros((b, hq, (sq + 63) // 64, 64 * d), dtype=torch.float32, device=q.device)
         dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, dq_acc, scale)
         dq_fn(dq_acc, dq, scale)
         return
