@@ -133,11 +133,13 @@ def ws_registers(num_wg, tma=False):
     return launch, loader, consumer
 
 
-def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False, persistent=False):
+def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False, persistent=False, o_stage=False):
     """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack;
-    + 2 mbarriers per ring slot when warp specialized, + 2 for the Q tile when persistent)."""
+    + 2 mbarriers per ring slot when warp specialized, + 2 for the Q tile when persistent; + an
+    O tile of its own where the epilogue's TMA stores cannot use Q's: persistent)."""
     bars = (16 * num_stages if ws else 0) + (16 if persistent else 0)
-    return 2 * head_dim * (64 * num_wg + 2 * num_stages * block_n) + 1024 + bars
+    rows = 64 * num_wg * (2 if o_stage else 1)
+    return 2 * head_dim * (rows + 2 * num_stages * block_n) + 1024 + bars
 
 
 def _acc_regs(head_dim, block_n):
@@ -163,8 +165,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("persistent needs tma=1 and ws=1 (the loader warpgroup runs ahead across query tiles)")
     if persistent < 0:
         raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
-    if tma_store and (not tma or persistent):
-        raise ValueError("tma_store needs tma=1 and persistent=0 (O is staged where the Q tile was)")
+    if tma_store and not tma:
+        raise ValueError("tma_store needs tma=1")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
@@ -176,7 +178,7 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
     if acc > (196 if ws else 190) or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
-    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws or tma, bool(persistent)) > MAX_SMEM:
+    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws or tma, bool(persistent), bool(tma_store and persistent)) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
 
@@ -234,11 +236,14 @@ def forward_wgmma(
     barriers, so the next tile's Q and first K/V tiles load while the consumers finish the last
     P V and write the epilogue (the per-CTA skeleton that dominates short sequences, perf-notes v7).
 
-    ``tma_store`` (with ``tma``, not ``persistent``): the epilogue writes each warpgroup's O rows
-    into the shared memory its Q rows occupied (free once its last Q K^T is complete; the same
-    128-byte-swizzled panels, conflict-free 4-byte stores), and one thread per warpgroup stores
-    them with TMA (rows past Sq clipped by the hardware) in place of 4-byte global stores from
-    every thread (perf-notes v14: the stores were 16% of the kernel at hd128 seq 512).
+    ``tma_store`` (with ``tma``): the epilogue writes each warpgroup's O rows into the shared
+    memory its Q rows occupied (free once its last Q K^T is complete; the same 128-byte-swizzled
+    panels, conflict-free 4-byte stores), and one thread per warpgroup stores them with TMA
+    (rows past Sq clipped by the hardware) in place of 4-byte global stores from every thread
+    (perf-notes v14: the stores were 16% of the kernel at hd128 seq 512).  With ``persistent``
+    the loader refills Q during the epilogue, so O gets a tile of its own after the ring (more
+    shared memory: e.g. hd128 needs block_n 96 or 2 slots), the stores run on into the next
+    tile, and the next epilogue waits until they have read it (v15, NOT YET RUN ON A GPU).
 
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
@@ -278,7 +283,11 @@ def forward_wgmma(
     KV_PANEL = BN * 64
     K_OFF = NP * Q_PANEL  # element offsets in the shared buffer (all multiples of 512 = 1 KiB)
     V_OFF = K_OFF + NS * NP * KV_PANEL
-    BAR_OFF = V_OFF + NS * NP * KV_PANEL  # ws or tma: mbarriers full[NS], empty[NS] (8 bytes each)
+    # tma_store: O staged where Q was, or (persistent: the loader refills Q during the epilogue)
+    # in an O tile of its own after the ring
+    O_STAGE = tma_store and PERSIST
+    EPI_OFF = V_OFF + NS * NP * KV_PANEL if O_STAGE else 0
+    BAR_OFF = V_OFF + NS * NP * KV_PANEL + (NP * Q_PANEL if O_STAGE else 0)  # ws or tma: mbarriers full[NS], empty[NS] (8 bytes each)
     QF_BAR, QE_BAR = BAR_OFF + 8 * NS, BAR_OFF + 8 * NS + 4  # persistent: Q tile full / empty
     SMEM = BAR_OFF + (8 * NS if ws or tma else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
@@ -649,6 +658,10 @@ def forward_wgmma(
         if PERSIST:
             release(kb + n_blk - 1)  # the ring slot of the last key tile (the loader runs on)
         # ---- epilogue: O / l and LSE ----
+        if O_STAGE:  # the last tile's TMA stores have read this warpgroup's O tile
+            if tx % 128 == 0:
+                _epi("bulk_wait_read")
+            _named_bar("sync", 1 + NWG + wg, 128)
         for hh in T.unroll(2):
             red[0] = l_i[hh]
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
@@ -658,7 +671,7 @@ def forward_wgmma(
                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
                 for dt in T.unroll(D // 8):
                     pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
-                    _epi("st_shared_u32", T.address_of(smem[(dt // 8) * Q_PANEL + (wg * 64 + warp * 16 + g + hh * 8) * 64
+                    _epi("st_shared_u32", T.address_of(smem[EPI_OFF + (dt // 8) * Q_PANEL + (wg * 64 + warp * 16 + g + hh * 8) * 64
                                                             + ((dt % 8) ^ g) * 8 + t4 * 2]), pk[0])
                 if row < Sq and t4 == 0:
                     lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
@@ -674,10 +687,11 @@ def forward_wgmma(
             _named_bar("sync", 1 + NWG + wg, 128)  # (1..NWG: the ping-pong's)
             if tx % 128 == 0:
                 for p in T.unroll(NP):
-                    _epi("tma_store_4d", T.address_of(smem[p * Q_PANEL + wg * 64 * 64]), T.address_of(tm_o),
+                    _epi("tma_store_4d", T.address_of(smem[EPI_OFF + p * Q_PANEL + wg * 64 * 64]), T.address_of(tm_o),
                          p * 64, m0 + wg * 64, hq, bz)
                 _epi("bulk_commit")
-                _epi("bulk_wait_read")  # shared memory must outlive the copies' reads
+                if not O_STAGE:  # shared memory must outlive the copies' reads (persistent: the
+                    _epi("bulk_wait_read")  # next epilogue waits, and the CTA's end)
 
     @body_macro
     def init_barriers():
@@ -761,6 +775,8 @@ def forward_wgmma(
             for it in T.serial((n_tiles - bx + n_cta - 1) // n_cta):
                 tid = bx + it * n_cta
                 tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "compute")
+            if O_STAGE and tx % 128 == 0:  # the last tile's TMA stores have read shared memory
+                _epi("bulk_wait_read")
 
     @body_macro
     def grid():
@@ -886,7 +902,8 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     a default ``tma`` where they ask for the FA3 order without a loader warpgroup (that loop's
     TMA form, v13, is exact but slower than the defaults; such records keep the cp.async loop
     they were timed with), a default ``tma_store`` where they turn ``tma`` off or ask for
-    ``persistent`` CTAs."""
+    ``persistent`` CTAs (there O needs a tile of its own, which the default ring leaves no room
+    for)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0

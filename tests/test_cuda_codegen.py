@@ -227,6 +227,7 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (128, True, {"tma_store": 1}),  # the warp-specialized defaults (two consumer warpgroups, ping-pong)
     (64, False, {"block_n": 64, "defer_pv_wait": 0, "tma_store": 1}),  # one all-threads warpgroup
     (256, False, {"tma_store": 1}),  # 4 panels
+    (128, False, {"persistent": 132, "tma_store": 1, "block_n": 96}),  # persistent: O staged beside the ring
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -339,6 +340,8 @@ def test_wgmma_knob_rules():
         sched.check_knobs(64, "bfloat16", False, {"tma": 1, "persistent": 132})
     with pytest.raises(ValueError, match="persistent must be 0"):
         sched.check_knobs(128, "bfloat16", False, {"persistent": -1})
-    for bad in ({"tma": 0}, {"persistent": 132}):  # O is staged where the Q tile was
-        with pytest.raises(ValueError, match="tma_store needs"):
-            sched.check_knobs(128, "bfloat16", False, {**bad, "tma_store": 1})
+    with pytest.raises(ValueError, match="tma_store needs"):
+        sched.check_knobs(128, "bfloat16", False, {"tma": 0, "tma_store": 1})
+    with pytest.raises(ValueError, match="227 KiB"):  # persistent: O gets a tile of its own beside the ring
+        sched.check_knobs(128, "bfloat16", False, {"persistent": 132, "tma_store": 1})
+    sched.check_knobs(128, "bfloat16", False, {"persistent": 132, "tma_store": 1, "block_n": 96})
