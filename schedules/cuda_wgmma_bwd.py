@@ -125,10 +125,11 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
             "dq_accum": int(causal)}
 
 
-def deterministic_knobs() -> dict:
-    """Knobs over the defaults for bitwise-reproducible gradients (``torch.use_deterministic_algorithms``):
-    the dQ kernel of its own in place of ``dq_accum``'s atomic bulk reductions."""
-    return {"dq_accum": 0}
+def deterministic_knobs(head_dim: int, causal: bool) -> dict:
+    """Knobs over the defaults for bitwise-reproducible gradients (``torch.use_deterministic_algorithms``;
+    also where ``dq_accum``'s buffer would outgrow 32-bit indexing): the dQ kernel of its own in
+    place of ``dq_accum``'s atomic bulk reductions; none where the defaults have no atomics."""
+    return {"dq_accum": 0} if default_knobs_backward(head_dim, causal)["dq_accum"] else {}
 
 
 def _tile_macros(D, LT, cp_async):

@@ -96,8 +96,9 @@ def test_backward_asks_for_kernels_without_atomics_under_deterministic_algorithm
 
     assert cuda_wgmma_bwd.default_knobs_backward(128, True)["dq_accum"] == 1
     assert cuda_wgmma_bwd.default_knobs_backward(128, False)["dq_accum"] == 0
-    funcs = cuda_wgmma_bwd.schedule_backward(128, "bfloat16", True, **cuda_wgmma_bwd.deterministic_knobs())
+    funcs = cuda_wgmma_bwd.schedule_backward(128, "bfloat16", True, **cuda_wgmma_bwd.deterministic_knobs(128, True))
     assert "flash_bwd_dq" in funcs and "flash_bwd_dq_convert" not in funcs
+    assert cuda_wgmma_bwd.deterministic_knobs(128, False) == {}  # no atomics there: the same module
     seen, real = [], ops._backward_kernels
     monkeypatch.setattr(ops, "_backward_kernels", lambda *a: seen.append(a[3:]) or real(*a))
     q, k, v = (torch.randn(1, 2, 40, 32, requires_grad=True) for _ in range(3))
@@ -108,3 +109,6 @@ def test_backward_asks_for_kernels_without_atomics_under_deterministic_algorithm
         finally:
             torch.use_deterministic_algorithms(False)
     assert seen == [(False,), (True,)]
+    # where dq_accum's padded buffer would outgrow 32-bit indexing (q itself fits), no atomics either
+    assert ops._dq_acc_fits(4, 16, 4096, 128) and not ops._dq_acc_fits(65, 63, 4097, 128)
+    assert 65 * 63 * 4097 * 128 <= 2**31 - 1

@@ -125,7 +125,13 @@ def _source_hash(schedule_module_name: str) -> str:
 
     from . import compute_backward
 
-    modules = (compute, compute_backward, common, importlib.import_module(schedule_module_name))
+    sched = importlib.import_module(schedule_module_name)
+    # and the schedule modules it takes helpers from (cuda_wgmma_bwd: cuda_wgmma's mbarrier asm)
+    package = common.__name__.rpartition(".")[0] + "."
+    used = {inspect.getmodule(v) for v in vars(sched).values() if inspect.isfunction(v) or inspect.ismodule(v)}
+    deps = sorted((m for m in used if m is not None and m.__name__.startswith(package) and m not in (common, sched)),
+                  key=lambda m: m.__name__)
+    modules = (compute, compute_backward, common, sched, *deps)
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
@@ -158,9 +164,12 @@ def get_backward_kernels(workload: Workload, target: tvm.target.Target, determin
     ``schedules.cuda_simt``).  A module with ``flash_bwd_prep`` (delta = rowsum(dO * O) - dLSE)
     wants it run first and its delta passed in place of dLSE: ``ops._backward_into``.
     ``deterministic``: the schedule's ``deterministic_knobs`` over its defaults, where it has
-    any (kernels that add with atomics: ``cuda_wgmma_bwd``'s ``dq_accum``; the others never do)."""
+    any (kernels that add with atomics: ``cuda_wgmma_bwd``'s causal ``dq_accum``; the others never
+    do), so the same module where the defaults have no atomics."""
     sched = backward_schedule_module(target, workload)
-    knobs = sched.deterministic_knobs() if deterministic and hasattr(sched, "deterministic_knobs") else {}
+    knobs = {}
+    if deterministic and hasattr(sched, "deterministic_knobs"):
+        knobs = sched.deterministic_knobs(workload.head_dim, workload.causal)
     key = cache_key(workload, target, knobs or None, backward=True)
     with _lock:
         fns = _memory.get(key)

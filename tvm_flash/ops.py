@@ -203,12 +203,19 @@ def _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal: bool, scale: float
     q, k, v, out, grad_out = (_aligned(t) for t in (q, k, v, out, grad_out))
     lse, grad_lse = lse.contiguous(), grad_lse.to(torch.float32).contiguous()
     dtype = str(q.dtype).removeprefix("torch.")
-    kernels = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)),
-                                torch.are_deterministic_algorithms_enabled())
+    # no atomics where torch asks for determinism, or where dq_accum's buffer would not fit
+    no_atomics = torch.are_deterministic_algorithms_enabled() or not _dq_acc_fits(*q.shape)
+    kernels = _backward_kernels(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), no_atomics)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     with _on_device(q.device):
         _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, float(scale))
     return dq, dk, dv
+
+
+def _dq_acc_fits(b: int, hq: int, sq: int, d: int) -> bool:
+    """Whether ``dq_accum``'s fp32 buffer [B, Hq, ceil(Sq/64), 64*D] stays within the kernels'
+    32-bit indexing (q's own size is checked on entry; the buffer pads Sq to 64)."""
+    return b * hq * -(-sq // 64) * 64 * d <= _INT32_MAX
 
 
 def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale: float):
