@@ -38,7 +38,8 @@ This kernel is ``cuda_tc``'s algorithm moved onto ``wgmma``:
   with ``pingpong=1`` (and ``ws``) also FA3's inter-warpgroup order: the consumer warpgroups take
   turns to issue their wgmmas (named barriers, round robin), so one's softmax runs while the
   next one's GEMMs do, instead of drifting into step;
-* epilogue as ``cuda_tc``: O / l to global (rows >= Sq not written), LSE = m * scale + ln(l).
+* epilogue: O / l (rows >= Sq not written), LSE = m * scale + ln(l); with ``tma_store`` (the
+  default wherever the tiles come by TMA) O goes through shared memory and out by TMA stores.
 
 Shapes, GQA, causal (top-left aligned, tiles above the diagonal skipped), tails: as ``cuda_tc``.
 Needs the target arch ``sm_90a`` (wgmma does not exist in plain ``sm_90`` PTX).
@@ -99,9 +100,9 @@ def _mbar(op, addr, *args):
 
 # tma_store: the epilogue's O tile through shared memory.  The stores into shared memory are
 # hidden from TVM (its barrier pass knows nothing of the async proxy; the named barrier after
-# them orders them), the TMA store of a (64 rows x 64 columns) box reads the 128-byte-swizzled
-# panel the Q tile came in by, and the issuing thread waits until the copies have read shared
-# memory before the CTA may exit.
+# them orders them), the TMA store of a (64 rows x 64 columns) box reads a 128-byte-swizzled
+# panel laid out as the Q tile's, and the issuing thread waits until the copies have read shared
+# memory before that memory is written again or the CTA exits.
 _EPI_ASM = {
     "st_shared_u32": ("void* p, unsigned v", "st.shared.b32 [%0], %1;", '"r"((unsigned)__cvta_generic_to_shared(p)), "r"(v)'),
     "tma_store_4d": ("void* s, unsigned long long tmap, int c0, int c1, int c2, int c3",
@@ -667,7 +668,7 @@ def forward_wgmma(
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 1, 32, 32)
             red[0] = red[0] + T.tvm_warp_shuffle_xor(T.uint32(FULL), red[0], 2, 32, 32)
             row = m0 + wg * 64 + warp * 16 + g + hh * 8
-            if tma_store:  # O / l into this warpgroup's Q rows (row % 8 = g: chunk dt ^ g)
+            if tma_store:  # O / l into this warpgroup's Q rows, or its O tile rows (row % 8 = g: chunk dt ^ g)
                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
                 for dt in T.unroll(D // 8):
                     pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
