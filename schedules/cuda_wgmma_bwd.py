@@ -93,6 +93,17 @@ _DQ_ASM = {
 }
 
 
+# dq_wg_sum: a float4 of shared memory plus four values, in place (hidden from TVM like the stores)
+ADD_SHARED_V4_SRC = """
+__forceinline__ __device__ void tvm_flash_bwd_add_shared_v4(void* p, float a, float b, float c, float d) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  float x, y, z, w;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(x), "=f"(y), "=f"(z), "=f"(w) : "r"(s) : "memory");
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" :: "r"(s), "f"(x + a), "f"(y + b), "f"(z + c), "f"(w + d) : "memory");
+}
+"""
+
+
 def _dq_op(op, *args):
     """Call the dq_accum helper ``op`` of ``_DQ_ASM``."""
     param, asm, operands = _DQ_ASM[op]
@@ -122,7 +133,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
-            "dq_accum": int(causal)}
+            "dq_accum": int(causal), "dq_wg_sum": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -158,11 +169,14 @@ def _tile_macros(D, LT, cp_async):
     return make
 
 
-def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False, dq_accum=False):
+def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False, dq_accum=False,
+           dq_wg_sum=False):
     if dq_accum and not (num_wg == 2 and block_q == 64 and not lag):
         # dQ's wgmma is m64 (the 64 queries of a step); two warpgroups split it (hd128: 64
         # columns each, hd64: 64 keys each); lag would leave dK running over the dS^T buffer
         raise ValueError("dq_accum needs num_wg=2, block_q=64 and lag=0")
+    if dq_wg_sum and not (dq_accum and head_dim == 64):
+        raise ValueError("dq_wg_sum needs dq_accum and head dim 64 (where both warpgroups add into one dQ tile)")
     if lag and num_stages < 3:
         raise ValueError("lag needs num_stages >= 3 (a slot stays read by the last step's GEMMs)")
     if not supports(head_dim, dtype):
@@ -188,7 +202,8 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
 
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
-                         lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False):
+                         lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False,
+                         dq_wg_sum: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
@@ -207,8 +222,11 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     ``red.global.add`` cost 0.43 at hd128 S4096); the second PrimFunc is then
     ``flash_bwd_dq_convert(dq_acc, dq, scale)`` (dq = dq_acc * scale in the output dtype)
     instead of the dQ kernel, which recomputed S and dP (7 GEMMs in all, now 5).  Summation
-    order varies between runs (atomic adds): the default with causal masking only."""
-    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum)
+    order varies between runs (atomic adds): the default with causal masking only.
+    ``dq_wg_sum`` (hd64, where both warpgroups' dQ_part cover the same 64 x 64 tile): warpgroup 0
+    stages its part, warpgroup 1 adds its own into it in shared memory and issues one bulk
+    reduction, half the reduction traffic (backward v6, NOT YET RUN ON A GPU)."""
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum, dq_wg_sum)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
     NT = 128 * NWG
@@ -391,14 +409,36 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # the async proxy; once the warpgroup's 128 threads are past their stores (named barrier
         # 1 + wg; 0 is __syncthreads), its thread 0 adds the tile into dq_acc by one bulk
         # reduction (rows past Sq are the buffer's padding: dS is 0 there)
-        for c in T.unroll(8):
-            _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + wg * ST_WG + (c * 128 + tx % 128) * 8]),
-                   dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
-        fence_proxy()
-        _dq_op("bar_sync", 1 + wg, 128)
-        if tx % 128 == 0:
-            _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
-                   T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
+        if dq_wg_sum:
+            # hd64: thread i of both warpgroups holds the same elements, so warpgroup 0 stages
+            # its part, then (barrier 3 of both warpgroups) warpgroup 1 adds its own in place and
+            # issues the one reduction; warpgroup 0's next stores come after the next step's
+            # __syncthreads, which the issuing thread passes only once the reduction has read
+            if wg == 0:
+                for c in T.unroll(8):
+                    _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
+                           dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
+            _dq_op("bar_sync", 3, 256)
+            if wg == 1:
+                for c in T.unroll(8):
+                    T.cuda.func_call("tvm_flash_bwd_add_shared_v4",
+                                     T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
+                                     dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3],
+                                     source_code=ADD_SHARED_V4_SRC)
+                fence_proxy()
+                _dq_op("bar_sync", 2, 128)
+                if tx % 128 == 0:
+                    _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
+                           T.address_of(smem[DK_ST_OFF]))
+        else:
+            for c in T.unroll(8):
+                _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + wg * ST_WG + (c * 128 + tx % 128) * 8]),
+                       dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
+            fence_proxy()
+            _dq_op("bar_sync", 1 + wg, 128)
+            if tx % 128 == 0:
+                _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
+                       T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
 
     @body_macro
     def dkdv_step(t, slot, buf):
@@ -843,7 +883,7 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
         k["lag"] = 0
-    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum"):
+    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,

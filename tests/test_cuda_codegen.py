@@ -136,6 +136,26 @@ def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal, tma):
     assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_wgmma_backward_dq_wg_sum_assembles(tmp_path, causal):
+    """``dq_wg_sum`` (hd64): warpgroup 0 stages its dQ part, warpgroup 1 adds its own in place
+    after a barrier of both, and one bulk reduction per step goes out; assembles clean."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, dq_accum=1, dq_wg_sum=1)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    _assemble_wgmma(tmp_path, src, 3)
+    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    calls = re.findall(r"tvm_flash_bwd_(\w+)\(", dkdv)
+    assert calls.count("bulk_reduce_add") == 1 and calls.count("add_shared_v4") == 8 and calls.count("st_shared_v4") == 8
+    assert "tvm_flash_bwd_bar_sync(3, 256)" in dkdv
+    with pytest.raises(ValueError, match="dq_wg_sum needs"):
+        cuda_wgmma_bwd.schedule_backward(128, "bfloat16", causal, dq_accum=1, dq_wg_sum=1)
+
+
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
     are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third
