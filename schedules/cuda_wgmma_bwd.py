@@ -413,7 +413,8 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             # hd64: thread i of both warpgroups holds the same elements, so warpgroup 0 stages
             # its part, then (barrier 3 of both warpgroups) warpgroup 1 adds its own in place and
             # issues the one reduction; warpgroup 0's next stores come after the next step's
-            # __syncthreads, which the issuing thread passes only once the reduction has read
+            # __syncthreads, which the issuing thread passes only once the reduction has read.
+            # Warpgroup 0 needs no proxy fence: warpgroup 1 rewrites every element it stored
             if wg == 0:
                 for c in T.unroll(8):
                     _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
@@ -883,6 +884,8 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
         k["lag"] = 0
+    if not k["dq_accum"] and "dq_wg_sum" not in knobs:  # (and a default dq_wg_sum without dq_accum)
+        k["dq_wg_sum"] = 0
     for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
