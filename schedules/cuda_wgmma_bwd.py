@@ -88,6 +88,13 @@ _DQ_ASM = {
                         "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 16384;\\n"
                         "cp.async.bulk.commit_group;",
                         '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
+    # dq_l2_hint: the same with an L2 evict-last policy (FA3's), so dq_acc, which every key
+    # tile's CTA adds into, stays in L2 rather than being written back between the adds
+    "bulk_reduce_add_hint": ("float* g, void* s",
+                             "{\\n .reg .b64 pol;\\n createpolicy.fractional.L2::evict_last.b64 pol, 1.0;\\n"
+                             " cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], 16384, pol;\\n"
+                             " cp.async.bulk.commit_group;\\n}",
+                             '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
     "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),  # this thread's bulk groups have read their source
     "bulk_wait": ("", "cp.async.bulk.wait_group 0;", ""),  # ... and completed
 }
@@ -133,7 +140,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
-            "dq_accum": int(causal), "dq_wg_sum": 0}
+            "dq_accum": int(causal), "dq_wg_sum": 0, "dq_l2_hint": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -170,13 +177,15 @@ def _tile_macros(D, LT, cp_async):
 
 
 def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma=False, dq_accum=False,
-           dq_wg_sum=False):
+           dq_wg_sum=False, dq_l2_hint=False):
     if dq_accum and not (num_wg == 2 and block_q == 64 and not lag):
         # dQ's wgmma is m64 (the 64 queries of a step); two warpgroups split it (hd128: 64
         # columns each, hd64: 64 keys each); lag would leave dK running over the dS^T buffer
         raise ValueError("dq_accum needs num_wg=2, block_q=64 and lag=0")
     if dq_wg_sum and not (dq_accum and head_dim == 64):
         raise ValueError("dq_wg_sum needs dq_accum and head dim 64 (where both warpgroups add into one dQ tile)")
+    if dq_l2_hint and not dq_accum:
+        raise ValueError("dq_l2_hint needs dq_accum")
     if lag and num_stages < 3:
         raise ValueError("lag needs num_stages >= 3 (a slot stays read by the last step's GEMMs)")
     if not supports(head_dim, dtype):
@@ -203,7 +212,7 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
                          lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False,
-                         dq_wg_sum: bool = False):
+                         dq_wg_sum: bool = False, dq_l2_hint: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
@@ -225,8 +234,10 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     order varies between runs (atomic adds): the default with causal masking only.
     ``dq_wg_sum`` (hd64, where both warpgroups' dQ_part cover the same 64 x 64 tile): warpgroup 0
     stages its part, warpgroup 1 adds its own into it in shared memory and issues one bulk
-    reduction, half the reduction traffic (backward v6, NOT YET RUN ON A GPU)."""
-    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum, dq_wg_sum)
+    reduction, half the reduction traffic (backward v6, NOT YET RUN ON A GPU).  ``dq_l2_hint``: the
+    bulk reductions carry an L2 evict-last policy (FA3's; NOT YET RUN ON A GPU)."""
+    RED = "bulk_reduce_add_hint" if dq_l2_hint else "bulk_reduce_add"
+    _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum, dq_wg_sum, dq_l2_hint)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
     PF = NS - 1 - int(lag)  # tiles in flight ahead of the one computed
     NT = 128 * NWG
@@ -429,7 +440,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                 fence_proxy()
                 _dq_op("bar_sync", 2, 128)
                 if tx % 128 == 0:
-                    _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
+                    _dq_op(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
                            T.address_of(smem[DK_ST_OFF]))
         else:
             for c in T.unroll(8):
@@ -438,7 +449,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             fence_proxy()
             _dq_op("bar_sync", 1 + wg, 128)
             if tx % 128 == 0:
-                _dq_op("bulk_reduce_add", T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
+                _dq_op(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
                        T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
 
     @body_macro
@@ -884,9 +895,10 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
         k["lag"] = 0
-    if not k["dq_accum"] and "dq_wg_sum" not in knobs:  # (and a default dq_wg_sum without dq_accum)
-        k["dq_wg_sum"] = 0
-    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum"):
+    for name in ("dq_wg_sum", "dq_l2_hint"):  # (and their defaults without dq_accum)
+        if not k["dq_accum"] and name not in knobs:
+            k[name] = 0
+    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,

@@ -137,9 +137,10 @@ def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal, tma):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_wgmma_backward_dq_wg_sum_assembles(tmp_path, causal):
+def test_wgmma_backward_dq_wg_sum_and_l2_hint_assemble(tmp_path, causal):
     """``dq_wg_sum`` (hd64): warpgroup 0 stages its dQ part, warpgroup 1 adds its own in place
-    after a barrier of both, and one bulk reduction per step goes out; assembles clean."""
+    after a barrier of both, and one bulk reduction per step goes out; ``dq_l2_hint`` (hd128):
+    the reductions carry an L2 evict-last policy.  Both assemble clean."""
     import tvm
 
     from schedules import cuda_wgmma_bwd
@@ -154,6 +155,13 @@ def test_wgmma_backward_dq_wg_sum_assembles(tmp_path, causal):
     assert "tvm_flash_bwd_bar_sync(3, 256)" in dkdv
     with pytest.raises(ValueError, match="dq_wg_sum needs"):
         cuda_wgmma_bwd.schedule_backward(128, "bfloat16", causal, dq_accum=1, dq_wg_sum=1)
+    # dq_l2_hint: the same reductions under an L2 evict-last policy
+    funcs = cuda_wgmma_bwd.schedule_backward(128, "bfloat16", causal, dq_accum=1, dq_l2_hint=1)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    _assemble_wgmma(tmp_path, src, 3)
+    assert "createpolicy.fractional.L2::evict_last" in src and "bulk_group.L2::cache_hint.add.f32" in src
+    with pytest.raises(ValueError, match="dq_l2_hint needs"):
+        cuda_wgmma_bwd.schedule_backward(128, "bfloat16", False, dq_accum=0, dq_l2_hint=1)
 
 
 def test_wgmma_backward_knob_rules():

@@ -46,6 +46,7 @@ WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"dq_accum": 1, "tma": 0},  # the same, cp.async loads
     {"dq_accum": 0},  # a dQ kernel of its own (the non-causal default; deterministic_knobs)
     {"dq_accum": 1, "dq_wg_sum": 1},  # hd64: the warpgroups sum in shared memory, one reduction (v6, not yet run)
+    {"dq_accum": 1, "dq_l2_hint": 1},  # the reductions with an L2 evict-last policy (not yet run)
 ]
 
 
