@@ -173,7 +173,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
 
     from schedules import cuda_wgmma_bwd
     from tvm_flash.build import BackwardKernels, make_target
-    from tvm_flash.ops import _backward_into, _forward
+    from tvm_flash.ops import _backward_into, _dq_acc_shape, _forward
 
     d = q.shape[-1]
     dtype = str(q.dtype).removeprefix("torch.")
@@ -198,8 +198,7 @@ def _knob_run(knobs, q, k, v, dout, causal, ref, flops):
     torch.cuda.synchronize()
     err = max((x[:1, :1].double() - r).abs().max().item() for x, r in zip((dq, dk, dv), ref))
     ms = do_bench(run, warmup=5, rep=50, return_mode="median")
-    b, hq, sq, _ = q.shape
-    acc = ([torch.zeros((b, hq, (sq + 63) // 64, 64 * d), dtype=torch.float32, device=q.device)]
+    acc = ([torch.zeros(_dq_acc_shape(*q.shape), dtype=torch.float32, device=q.device)]
            if kernels.dq_accum else [])  # (timing only)
     ms_dkdv = do_bench(lambda: kernels[0](q, k, v, out, dout, lse, dlse, dk, dv, *acc, scale), warmup=5, rep=50,
                        return_mode="median")  # dlse for delta: same time

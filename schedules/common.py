@@ -1,7 +1,7 @@
 """Schedule helpers shared by the target schedules: the phase blocks of the generic compute
 (``cpu``, ``cuda_simt``), and the pieces the hand-written CUDA kernels share (shared-memory
-limit, PTX type names, the register pin after ``wgmma.wait_group``, closure-aware TVMScript
-macros).  Part of every kernel's cache key (``tvm_flash.build._source_hash``)."""
+limit, PTX type names, the register pin after ``wgmma.wait_group``, inline-asm helpers,
+closure-aware TVMScript macros).  Part of every kernel's cache key (``tvm_flash.build._source_hash``)."""
 
 import inspect
 
@@ -17,6 +17,49 @@ PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}  # dtype -> PTX type name of m
 PIN_SRC = """
 __forceinline__ __device__ void tvm_flash_pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 """
+
+
+# Inline-asm device functions the hand-written kernels share, called with ``asm_call(name,
+# *args)``: name -> (C parameters, PTX, asm input operands), with a memory clobber; the C
+# function is ``tvm_flash_<name>`` (TVM emits a func_call's source once per function name).
+# Shared-memory stores go through these so TVM's barrier pass does not see them (the kernels
+# order them with explicit barriers).  The bulk ops: the epilogue's TMA stores (forward) and
+# dQ's bulk reductions (backward ``dq_accum``); a bulk group is waited for by the thread that
+# committed it.
+_SMEM_P = '"r"((unsigned)__cvta_generic_to_shared(p))'
+ASM = {
+    "st_shared_f32": ("void* p, float v", "st.shared.f32 [%0], %1;", _SMEM_P + ', "f"(v)'),
+    "st_shared_u32": ("void* p, unsigned v", "st.shared.b32 [%0], %1;", _SMEM_P + ', "r"(v)'),
+    "st_shared_v4": ("void* p, float a, float b, float c, float d", "st.shared.v4.f32 [%0], {%1, %2, %3, %4};",
+                     _SMEM_P + ', "f"(a), "f"(b), "f"(c), "f"(d)'),
+    # a (64 rows x 64 columns) box of the 4-d tensor map from shared memory
+    "tma_store_4d": ("void* s, unsigned long long tmap, int c0, int c1, int c2, int c3",
+                     "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];",
+                     '"l"(tmap), "r"((unsigned)__cvta_generic_to_shared(s)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)'),
+    # 16 KB (a 64 x 64 fp32 tile) of shared memory added element-wise into global memory (each
+    # element's add is atomic: CTAs and warpgroups may add into one tile), committed as a group
+    "bulk_reduce_add": ("float* g, void* s",
+                        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 16384;\\n"
+                        "cp.async.bulk.commit_group;",
+                        '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
+    # the same with an L2 evict-last policy (FA3's: the buffer every key tile adds into stays in L2)
+    "bulk_reduce_add_hint": ("float* g, void* s",
+                             "{\\n .reg .b64 pol;\\n createpolicy.fractional.L2::evict_last.b64 pol, 1.0;\\n"
+                             " cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], 16384, pol;\\n"
+                             " cp.async.bulk.commit_group;\\n}",
+                             '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
+    "bulk_commit": ("", "cp.async.bulk.commit_group;", ""),
+    "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),  # this thread's groups have read their source
+    "bulk_wait": ("", "cp.async.bulk.wait_group 0;", ""),  # ... and completed
+}
+
+
+def asm_call(name, *args):
+    """Call the inline-asm device function ``name`` of ``ASM``."""
+    param, asm, operands = ASM[name]
+    src = (f"__forceinline__ __device__ void tvm_flash_{name}({param}) {{\n"
+           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
+    return T.cuda.func_call(f"tvm_flash_{name}", *args, source_code=src)
 
 
 def body_macro(fn):

@@ -56,7 +56,7 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LN2, LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
+from .common import MAX_SMEM, PTX_TYPE, asm_call, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
 
 __all__ = ["supports", "default_knobs", "short_knobs", "schedule", "forward_wgmma", "smem_bytes"]
 
@@ -82,7 +82,8 @@ def _setmaxnreg(op, n):
 
 def _named_bar(op, bar_id, count):
     """``bar.sync`` / ``bar.arrive`` on named barrier ``bar_id`` (1-15; 0 is __syncthreads) for
-    ``count`` threads: the ping-pong order of the consumer warpgroups."""
+    ``count`` threads: the ping-pong order of the consumer warpgroups, a warpgroup's epilogue,
+    the backward's dQ staging."""
     name = f"tvm_flash_bar_{op}"
     src = (f"__forceinline__ __device__ void {name}(int id, int n) {{\n"
            f'  asm volatile("bar.{op} %0, %1;" :: "r"(id), "r"(n) : "memory");\n}}\n')
@@ -96,29 +97,6 @@ def _mbar(op, addr, *args):
            f"  unsigned a = (unsigned)__cvta_generic_to_shared(bar);\n"
            f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
     return T.cuda.func_call(f"tvm_flash_{op}", addr, *args, source_code=src)
-
-
-# tma_store: the epilogue's O tile through shared memory.  The stores into shared memory are
-# hidden from TVM (its barrier pass knows nothing of the async proxy; the named barrier after
-# them orders them), the TMA store of a (64 rows x 64 columns) box reads a 128-byte-swizzled
-# panel laid out as the Q tile's, and the issuing thread waits until the copies have read shared
-# memory before that memory is written again or the CTA exits.
-_EPI_ASM = {
-    "st_shared_u32": ("void* p, unsigned v", "st.shared.b32 [%0], %1;", '"r"((unsigned)__cvta_generic_to_shared(p)), "r"(v)'),
-    "tma_store_4d": ("void* s, unsigned long long tmap, int c0, int c1, int c2, int c3",
-                     "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];",
-                     '"l"(tmap), "r"((unsigned)__cvta_generic_to_shared(s)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)'),
-    "bulk_commit": ("", "cp.async.bulk.commit_group;", ""),
-    "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),
-}
-
-
-def _epi(op, *args):
-    """Call the epilogue helper ``op`` of ``_EPI_ASM``."""
-    param, asm, operands = _EPI_ASM[op]
-    src = (f"__forceinline__ __device__ void tvm_flash_{op}({param}) {{\n"
-           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
-    return T.cuda.func_call(f"tvm_flash_{op}", *args, source_code=src)
 
 
 def ws_registers(num_wg, tma=False):
@@ -661,7 +639,7 @@ def forward_wgmma(
         # ---- epilogue: O / l and LSE ----
         if O_STAGE:  # the last tile's TMA stores have read this warpgroup's O tile
             if tx % 128 == 0:
-                _epi("bulk_wait_read")
+                asm_call("bulk_wait_read")
             _named_bar("sync", 1 + NWG + wg, 128)
         for hh in T.unroll(2):
             red[0] = l_i[hh]
@@ -672,7 +650,7 @@ def forward_wgmma(
                 alpha[0] = T.if_then_else(red[0] > T.float32(0), T.float32(1) / red[0], T.float32(0))
                 for dt in T.unroll(D // 8):
                     pack2(pk[0], acc[dt * 4 + hh * 2 + 1] * alpha[0], acc[dt * 4 + hh * 2] * alpha[0])
-                    _epi("st_shared_u32", T.address_of(smem[EPI_OFF + (dt // 8) * Q_PANEL + (wg * 64 + warp * 16 + g + hh * 8) * 64
+                    asm_call("st_shared_u32", T.address_of(smem[EPI_OFF + (dt // 8) * Q_PANEL + (wg * 64 + warp * 16 + g + hh * 8) * 64
                                                             + ((dt % 8) ^ g) * 8 + t4 * 2]), pk[0])
                 if row < Sq and t4 == 0:
                     lse[bz, hq, row] = (m_i[hh] * sl2 + T.log2(red[0])) * T.float32(LN2)
@@ -688,11 +666,11 @@ def forward_wgmma(
             _named_bar("sync", 1 + NWG + wg, 128)  # (1..NWG: the ping-pong's)
             if tx % 128 == 0:
                 for p in T.unroll(NP):
-                    _epi("tma_store_4d", T.address_of(smem[EPI_OFF + p * Q_PANEL + wg * 64 * 64]), T.address_of(tm_o),
+                    asm_call("tma_store_4d", T.address_of(smem[EPI_OFF + p * Q_PANEL + wg * 64 * 64]), T.address_of(tm_o),
                          p * 64, m0 + wg * 64, hq, bz)
-                _epi("bulk_commit")
+                asm_call("bulk_commit")
                 if not O_STAGE:  # shared memory must outlive the copies' reads (persistent: the
-                    _epi("bulk_wait_read")  # next epilogue waits, and the CTA's end)
+                    asm_call("bulk_wait_read")  # next epilogue waits, and the CTA's end)
 
     @body_macro
     def init_barriers():
@@ -777,7 +755,7 @@ def forward_wgmma(
                 tid = bx + it * n_cta
                 tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "compute")
             if O_STAGE and tx % 128 == 0:  # the last tile's TMA stores have read shared memory
-                _epi("bulk_wait_read")
+                asm_call("bulk_wait_read")
 
     @body_macro
     def grid():

@@ -40,83 +40,22 @@ from tvm.script import tirx as T
 
 from tvm_flash.compute import LOG2E
 
-from .common import MAX_SMEM, PTX_TYPE, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
-from .cuda_wgmma import _mbar
+from .common import MAX_SMEM, PTX_TYPE, asm_call, body_macro, pack_frag_macro, pin_all, tensormap_macro, tma_tile_macro
+from .cuda_wgmma import _mbar, _named_bar
 
 __all__ = ["supports", "schedule_backward", "flash_backward_wgmma"]
 
 FULL = 0xFFFFFFFF
 
-# A shared-memory store TVM does not see (its barrier pass would put a __syncthreads between the
-# LSE/delta stores of the next tile and the loads of this one: different halves of one buffer)
-ST_SHARED_SRC = """
-__forceinline__ __device__ void tvm_flash_st_shared_f32(void* p, float v) {
-  asm volatile("st.shared.f32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "f"(v) : "memory");
-}
-"""
-
-
-def _st_shared(addr, value):
-    return T.cuda.func_call("tvm_flash_st_shared_f32", addr, value, source_code=ST_SHARED_SRC)
-
-
-# dq_accum: the packed dS^T pairs into shared memory (hidden from TVM's barrier pass like the
-# LSE/delta stores: the explicit barrier after them orders them)
-ST_SHARED_U32_SRC = """
-__forceinline__ __device__ void tvm_flash_st_shared_u32(void* p, unsigned v) {
-  asm volatile("st.shared.b32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "r"(v) : "memory");
-}
-"""
-
-
-def _st_shared_u32(addr, value):
-    return T.cuda.func_call("tvm_flash_st_shared_u32", addr, value, source_code=ST_SHARED_U32_SRC)
-
-
-# dq_accum: dQ's fp32 partial sums go from registers to a shared-memory staging tile (hidden
-# stores, ordered by the named barrier after them), then one thread per warpgroup adds the whole
-# tile into global memory by a TMA bulk reduction (FA3's design).  name -> (C parameters, PTX,
-# asm operands); one helper per name (TVM emits a func_call's source once per name).
-_DQ_ASM = {
-    "st_shared_v4": ("void* p, float a, float b, float c, float d", "st.shared.v4.f32 [%0], {%1, %2, %3, %4};",
-                     '"r"((unsigned)__cvta_generic_to_shared(p)), "f"(a), "f"(b), "f"(c), "f"(d)'),
-    "bar_sync": ("int id, int n", "bar.sync %0, %1;", '"r"(id), "r"(n)'),
-    # 16 KB (a 64 x 64 fp32 tile) of shared memory added element-wise into global memory
-    # (each element's add is atomic; CTAs and warpgroups may add into one tile), as one bulk
-    # async-group of this thread
-    "bulk_reduce_add": ("float* g, void* s",
-                        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 16384;\\n"
-                        "cp.async.bulk.commit_group;",
-                        '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
-    # dq_l2_hint: the same with an L2 evict-last policy (FA3's), so dq_acc, which every key
-    # tile's CTA adds into, stays in L2 rather than being written back between the adds
-    "bulk_reduce_add_hint": ("float* g, void* s",
-                             "{\\n .reg .b64 pol;\\n createpolicy.fractional.L2::evict_last.b64 pol, 1.0;\\n"
-                             " cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], 16384, pol;\\n"
-                             " cp.async.bulk.commit_group;\\n}",
-                             '"l"(g), "r"((unsigned)__cvta_generic_to_shared(s))'),
-    "bulk_wait_read": ("", "cp.async.bulk.wait_group.read 0;", ""),  # this thread's bulk groups have read their source
-    "bulk_wait": ("", "cp.async.bulk.wait_group 0;", ""),  # ... and completed
-}
-
-
 # dq_wg_sum: a float4 of shared memory plus four values, in place (hidden from TVM like the stores)
 ADD_SHARED_V4_SRC = """
-__forceinline__ __device__ void tvm_flash_bwd_add_shared_v4(void* p, float a, float b, float c, float d) {
+__forceinline__ __device__ void tvm_flash_add_shared_v4(void* p, float a, float b, float c, float d) {
   unsigned s = (unsigned)__cvta_generic_to_shared(p);
   float x, y, z, w;
   asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(x), "=f"(y), "=f"(z), "=f"(w) : "r"(s) : "memory");
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" :: "r"(s), "f"(x + a), "f"(y + b), "f"(z + c), "f"(w + d) : "memory");
 }
 """
-
-
-def _dq_op(op, *args):
-    """Call the dq_accum helper ``op`` of ``_DQ_ASM``."""
-    param, asm, operands = _DQ_ASM[op]
-    src = (f"__forceinline__ __device__ void tvm_flash_bwd_{op}({param}) {{\n"
-           f'  asm volatile("{asm}" :: {operands} : "memory");\n}}\n')
-    return T.cuda.func_call(f"tvm_flash_bwd_{op}", *args, source_code=src)
 
 
 def supports(head_dim: int, dtype: str) -> bool:
@@ -343,16 +282,17 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     @body_macro
     def lse_delta(t, buf):
         # LSE*log2e and delta of (Q, dO) tile t into lsd[buf] (thread i: query row i of the
-        # tile); +inf / 0 past Sq (P = 0 there)
+        # tile); +inf / 0 past Sq (P = 0 there).  Stores TVM does not see (asm_call): its barrier
+        # pass would put a __syncthreads between them and this step's loads of the other half
         hq_t = hk * G + t // n_qt
         qrow = (i0 + t % n_qt) * BQ + tx
         if tx < BQ:
             if qrow < Sq:
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx]), delta[bz, hq_t, qrow])
+                asm_call("st_shared_f32", T.address_of(lsd[buf * 2 * BQ + tx]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
+                asm_call("st_shared_f32", T.address_of(lsd[buf * 2 * BQ + BQ + tx]), delta[bz, hq_t, qrow])
             else:
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + tx]), T.float32(INF))
-                _st_shared(T.address_of(lsd[buf * 2 * BQ + BQ + tx]), T.float32(0))
+                asm_call("st_shared_f32", T.address_of(lsd[buf * 2 * BQ + tx]), T.float32(INF))
+                asm_call("st_shared_f32", T.address_of(lsd[buf * 2 * BQ + BQ + tx]), T.float32(0))
 
     @body_macro
     def load_qdo(t, slot):
@@ -380,7 +320,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # accessed until it completes), then visible to the async proxy
         for kn in T.unroll(KQ):
             for j in T.unroll(4):
-                _st_shared_u32(T.address_of(smem[DK_DS_OFF + (wg * 64 + warp * 16 + g + (j % 2) * 8) * 64
+                asm_call("st_shared_u32", T.address_of(smem[DK_DS_OFF + (wg * 64 + warp * 16 + g + (j % 2) * 8) * 64
                                                  + (((2 * kn + j // 2) ^ g) * 8) + t4 * 2]), pd[kn * 4 + j])
         fence_proxy()
 
@@ -392,7 +332,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # copies: without tma it goes right after the step's own cp.async wait (before the
         # step's first barrier) rather than after the step's prefetch was issued
         if tx % 128 == 0:
-            _dq_op("bulk_wait_read")
+            asm_call("bulk_wait_read")
 
     @body_macro
     def dq_part():
@@ -428,28 +368,28 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             # Warpgroup 0 needs no proxy fence: warpgroup 1 rewrites every element it stored
             if wg == 0:
                 for c in T.unroll(8):
-                    _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
+                    asm_call("st_shared_v4", T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
                            dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
-            _dq_op("bar_sync", 3, 256)
+            _named_bar("sync", 3, 256)
             if wg == 1:
                 for c in T.unroll(8):
-                    T.cuda.func_call("tvm_flash_bwd_add_shared_v4",
+                    T.cuda.func_call("tvm_flash_add_shared_v4",
                                      T.address_of(smem[DK_ST_OFF + (c * 128 + tx % 128) * 8]),
                                      dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3],
                                      source_code=ADD_SHARED_V4_SRC)
                 fence_proxy()
-                _dq_op("bar_sync", 2, 128)
+                _named_bar("sync", 2, 128)
                 if tx % 128 == 0:
-                    _dq_op(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
+                    asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
                            T.address_of(smem[DK_ST_OFF]))
         else:
             for c in T.unroll(8):
-                _dq_op("st_shared_v4", T.address_of(smem[DK_ST_OFF + wg * ST_WG + (c * 128 + tx % 128) * 8]),
+                asm_call("st_shared_v4", T.address_of(smem[DK_ST_OFF + wg * ST_WG + (c * 128 + tx % 128) * 8]),
                        dqp[c * 4], dqp[c * 4 + 1], dqp[c * 4 + 2], dqp[c * 4 + 3])
             fence_proxy()
-            _dq_op("bar_sync", 1 + wg, 128)
+            _named_bar("sync", 1 + wg, 128)
             if tx % 128 == 0:
-                _dq_op(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
+                asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
                        T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
 
     @body_macro
@@ -598,7 +538,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                         store_rows(dk_acc, dk32, Hkv, Sk, bz, hk, m0, scale)
                         if dq_accum:
                             if tx % 128 == 0:  # the last bulk reduction done (its staging tile read) before exit
-                                _dq_op("bulk_wait")
+                                asm_call("bulk_wait")
 
     @body_macro
     def dkdv_entry():

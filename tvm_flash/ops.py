@@ -212,26 +212,30 @@ def _flash_bwd(q, k, v, out, grad_out, lse, grad_lse, causal: bool, scale: float
     return dq, dk, dv
 
 
+def _dq_acc_shape(b: int, hq: int, sq: int, d: int) -> tuple:
+    """Shape of ``dq_accum``'s zeroed fp32 buffer for q of shape [B, Hq, Sq, D]: one tile-major
+    region of 64*D floats per 64 queries, which the second kernel converts."""
+    return (b, hq, -(-sq // 64), 64 * d)
+
+
 def _dq_acc_fits(b: int, hq: int, sq: int, d: int) -> bool:
-    """Whether ``dq_accum``'s fp32 buffer [B, Hq, ceil(Sq/64), 64*D] stays within the kernels'
-    32-bit indexing (q's own size is checked on entry; the buffer pads Sq to 64)."""
-    return b * hq * -(-sq // 64) * 64 * d <= _INT32_MAX
+    """Whether that buffer stays within the kernels' 32-bit indexing (q's own size is checked on
+    entry; the buffer pads Sq to 64)."""
+    return math.prod(_dq_acc_shape(b, hq, sq, d)) <= _INT32_MAX
 
 
 def _backward_into(kernels, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale: float):
     """Run ``_backward_kernels``' kernels (``build.BackwardKernels``) into dq, dk, dv: the delta
     pass first where there is one (its delta = rowsum(dO * O) - dLSE then takes dLSE's place),
     then dK/dV and dQ (with ``dq_accum``: dK/dV adds dQ's fp32 partial sums into a zeroed
-    buffer [B, Hq, ceil(Sq/64), 64*D], one tile-major region per 64 queries, which the second
-    kernel converts)."""
+    buffer (``_dq_acc_shape``), which the second kernel converts)."""
     dkdv, dq_fn, prep = kernels
     if prep is not None:
         delta = torch.empty_like(lse)
         prep(out, grad_out, grad_lse, delta)
         grad_lse = delta
     if kernels.dq_accum:
-        b, hq, sq, d = q.shape
-        dq_acc = torch.zeros((b, hq, (sq + 63) // 64, 64 * d), dtype=torch.float32, device=q.device)
+        dq_acc = torch.zeros(_dq_acc_shape(*q.shape), dtype=torch.float32, device=q.device)
         dkdv(q, k, v, out, grad_out, lse, grad_lse, dk, dv, dq_acc, scale)
         dq_fn(dq_acc, dq, scale)
         return
