@@ -79,7 +79,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     lag = head_dim > 64 and not causal
     return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
-            "dq_accum": int(causal), "dq_wg_sum": 0, "dq_l2_hint": 0}
+            "dq_accum": int(causal), "dq_wg_sum": 0, "dq_l2_hint": 0, "dq_rotate": 0, "dq_first": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -119,7 +119,9 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
            dq_wg_sum=False, dq_l2_hint=False):
     if dq_accum and not (num_wg == 2 and block_q == 64 and not lag):
         # dQ's wgmma is m64 (the 64 queries of a step); two warpgroups split it (hd128: 64
-        # columns each, hd64: 64 keys each); lag would leave dK running over the dS^T buffer
+        # columns each, hd64: 64 keys each); lag would leave dK running over the dS^T buffer.
+        # (At hd64, where each warpgroup's dQ reads only its own dS^T rows, dq_first with lag was
+        # tried: 6-10% slower, perf-notes backward v8)
         raise ValueError("dq_accum needs num_wg=2, block_q=64 and lag=0")
     if dq_wg_sum and not (dq_accum and head_dim == 64):
         raise ValueError("dq_wg_sum needs dq_accum and head dim 64 (where both warpgroups add into one dQ tile)")
@@ -151,7 +153,8 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
 def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int = 2, block_q: int = 32,
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
                          lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False,
-                         dq_wg_sum: bool = False, dq_l2_hint: bool = False):
+                         dq_wg_sum: bool = False, dq_l2_hint: bool = False, dq_rotate: bool = False,
+                         dq_first: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
@@ -173,8 +176,24 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     order varies between runs (atomic adds): the default with causal masking only.
     ``dq_wg_sum`` (hd64, where both warpgroups' dQ_part cover the same 64 x 64 tile): warpgroup 0
     stages its part, warpgroup 1 adds its own into it in shared memory and issues one bulk
-    reduction, half the reduction traffic (backward v6, NOT YET RUN ON A GPU).  ``dq_l2_hint``: the
-    bulk reductions carry an L2 evict-last policy (FA3's; NOT YET RUN ON A GPU)."""
+    reduction (backward v6: 5-14% slower, the barrier of both warpgroups).  ``dq_l2_hint``: the
+    bulk reductions carry an L2 evict-last policy (FA3's; no gain on the H200, v6).
+    ``dq_rotate``: dK/dV CTA ``bx`` of ``nbx`` walks its query tiles starting at tile
+    ``bx * n_qt // nbx`` (wrapping), so the CTAs of one head that run at once add into different
+    dQ tiles instead of all into the same one (v7: +2-6% at hd128 without causal masking, a loss
+    elsewhere).  ``dq_first``: the dQ GEMM is issued before dK's and its reduction staged and sent
+    while dK runs (v8: no change).  All off by default."""
+    if dq_rotate and not dq_accum:
+        raise ValueError("dq_rotate needs dq_accum")
+    if dq_first and not dq_accum or dq_first and dq_wg_sum:
+        raise ValueError("dq_first needs dq_accum (and not dq_wg_sum)")
+
+    def qtile(t, i0, n_qt, bx, Sk):
+        # the query tile of step t (within its head's n_qt tiles from i0), rotated by dq_rotate
+        if dq_rotate:
+            return i0 + (t % n_qt + bx * n_qt // ((Sk + BM - 1) // BM)) % n_qt
+        return i0 + t % n_qt
+
     RED = "bulk_reduce_add_hint" if dq_l2_hint else "bulk_reduce_add"
     _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag, tma, dq_accum, dq_wg_sum, dq_l2_hint)
     D, NWG, BQ, BN, NS = head_dim, num_wg, block_q, block_n, num_stages
@@ -285,7 +304,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # tile); +inf / 0 past Sq (P = 0 there).  Stores TVM does not see (asm_call): its barrier
         # pass would put a __syncthreads between them and this step's loads of the other half
         hq_t = hk * G + t // n_qt
-        qrow = (i0 + t % n_qt) * BQ + tx
+        qrow = qtile(t, i0, n_qt, bx, Sk) * BQ + tx
         if tx < BQ:
             if qrow < Sq:
                 asm_call("st_shared_f32", T.address_of(lsd[buf * 2 * BQ + tx]), lse[bz, hq_t, qrow] * T.float32(LOG2E))
@@ -297,7 +316,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     @body_macro
     def load_qdo(t, slot):
         hq_t = hk * G + t // n_qt
-        q0 = (i0 + t % n_qt) * BQ
+        q0 = qtile(t, i0, n_qt, bx, Sk) * BQ
         load_q(smem, q, bz, hq_t, Sq, q0, DK_Q_OFF + slot * NP * Q_PANEL, tx)
         load_q(smem, do, bz, hq_t, Sq, q0, DK_DO_OFF + slot * NP * Q_PANEL, tx)
 
@@ -306,7 +325,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         # tma (thread 0): (Q, dO) tile t into ring slot `slot`; the slot's barrier expects its
         # bytes plus `extra` (K and V with tile 0)
         hq_t = hk * G + t // n_qt
-        q0 = (i0 + t % n_qt) * BQ
+        q0 = qtile(t, i0, n_qt, bx, Sk) * BQ
         expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[DK_BAR + 4 * slot])), 2 * Q_BYTES + extra)
         tma_tile(tm_q, DK_Q_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
         tma_tile(tm_do, DK_DO_OFF + slot * NP * Q_PANEL, Q_PANEL, q0, hq_t, DK_BAR + 4 * slot)
@@ -380,7 +399,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                 fence_proxy()
                 _named_bar("sync", 2, 128)
                 if tx % 128 == 0:
-                    asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, 0]),
+                    asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, qtile(t, i0, n_qt, bx, Sk), 0]),
                            T.address_of(smem[DK_ST_OFF]))
         else:
             for c in T.unroll(8):
@@ -389,7 +408,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             fence_proxy()
             _named_bar("sync", 1 + wg, 128)
             if tx % 128 == 0:
-                asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, i0 + t % n_qt, wg * DQ_ACC_WG]),
+                asm_call(RED, T.address_of(dq_acc[bz, hk * G + t // n_qt, qtile(t, i0, n_qt, bx, Sk), wg * DQ_ACC_WG]),
                        T.address_of(smem[DK_ST_OFF + wg * ST_WG]))
 
     @body_macro
@@ -408,7 +427,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         if lag:
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
-        q0 = (i0 + t % n_qt) * BQ
+        q0 = qtile(t, i0, n_qt, bx, Sk) * BQ
         for nt, hh, e2 in T.grid(BQ // 8, 2, 2):
             idx = nt * 4 + hh * 2 + e2
             col = nt * 8 + t4 * 2 + e2
@@ -430,11 +449,25 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         pack_frag(pd, dp, KQ)
         if dq_accum:
             ds_store()
-        wg_fence()
-        issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
-        if dq_accum:
+        if dq_first:
+            # dQ_part first, then dK: once dQ_part (and dV) are complete its reduction is staged and
+            # issued while dK runs on the tensor cores (reads of wgmma accumulators in the same
+            # step, after the wait that completes them: ptxas keeps the wgmmas asynchronous)
             dq_part()
-        if not lag:
+            wg_fence()
+            issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
+            wg_wait(1)
+            pin_all(dqp, 32)
+            dq_reduce(t)
+            wg_wait(0)
+            pin_all(dv_acc, DV_ACC)
+            pin_all(dk_acc, DV_ACC)
+        else:
+            wg_fence()
+            issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
+            if dq_accum:
+                dq_part()
+        if not lag and not dq_first:
             wg_wait(0)
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
@@ -835,10 +868,11 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
         k["lag"] = 0
-    for name in ("dq_wg_sum", "dq_l2_hint"):  # (and their defaults without dq_accum)
+    for name in ("dq_wg_sum", "dq_l2_hint", "dq_rotate", "dq_first"):  # (and their defaults without dq_accum)
         if not k["dq_accum"] and name not in knobs:
             k[name] = 0
-    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint"):
+    for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint", "dq_rotate",
+                 "dq_first"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,

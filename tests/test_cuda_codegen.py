@@ -164,6 +164,56 @@ def test_wgmma_backward_dq_wg_sum_and_l2_hint_assemble(tmp_path, causal):
         cuda_wgmma_bwd.schedule_backward(128, "bfloat16", False, dq_accum=0, dq_l2_hint=1)
 
 
+@pytest.mark.parametrize("d,causal", [(128, False), (64, True)])
+def test_wgmma_backward_dq_rotate_assembles(tmp_path, d, causal):
+    """``dq_rotate``: the dK/dV kernel's query-tile order depends on its key tile (blockIdx.x);
+    the kernel assembles clean with the same per-step calls as ``dq_accum``; without
+    ``dq_accum`` (no reductions to spread) the knob is refused."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, dq_rotate=1)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    _assemble_wgmma(tmp_path, src, 3)
+    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    base = tvm.compile(tvm.IRModule(cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1)),
+                       target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    base_dkdv, = (k for k in base.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    assert dkdv.count("blockIdx.x") > base_dkdv.count("blockIdx.x")
+    calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait)\(", dkdv)
+    assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
+    with pytest.raises(ValueError, match="dq_rotate needs"):
+        cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=0, dq_rotate=1)
+
+
+@pytest.mark.parametrize("d,causal", [(128, False), (64, True)])
+def test_wgmma_backward_dq_first_assembles(tmp_path, d, causal):
+    """``dq_first``: dQ_part's GEMM is issued before dK's, and its reduction goes out while dK
+    runs.  The accumulators are read after the wait that completes them, in the same step, so
+    ptxas keeps every wgmma asynchronous (a reduction deferred to the next step, tried with
+    ``lag``, made it serialize them: C7514)."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, dq_first=1)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    _assemble_wgmma(tmp_path, src, 3)
+    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait)\(", dkdv)
+    assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
+    # the dQ GEMM (m64n64, both operands from shared memory) comes before the dK GEMM (the step's
+    # last one with A from registers)
+    dq_gemm, rs_gemm = "ss_mma_async_sync_aligned_m64n64k16_f32_bf16_bf16_1_1_1_1(", f"rs_mma_async_sync_aligned_m64n{d}k16"
+    assert dkdv.index(dq_gemm) < dkdv.rindex(rs_gemm)
+    for bad in ({"dq_accum": 0, "dq_first": 1}, {"dq_accum": 1, "dq_first": 1, "lag": 1, "num_stages": 3}):
+        with pytest.raises(ValueError, match="dq_first|lag"):
+            cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, **bad)
+
+
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
     are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third

@@ -45,8 +45,10 @@ WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"dq_accum": 1},  # dQ from the dK/dV kernel: fp32 bulk reductions (TMA), then a convert pass (causal default)
     {"dq_accum": 1, "tma": 0},  # the same, cp.async loads
     {"dq_accum": 0},  # a dQ kernel of its own (the non-causal default; deterministic_knobs)
-    {"dq_accum": 1, "dq_wg_sum": 1},  # hd64: the warpgroups sum in shared memory, one reduction (v6, not yet run)
-    {"dq_accum": 1, "dq_l2_hint": 1},  # the reductions with an L2 evict-last policy (not yet run)
+    {"dq_accum": 1, "dq_wg_sum": 1},  # hd64: the warpgroups sum in shared memory, one reduction (v6)
+    {"dq_accum": 1, "dq_l2_hint": 1},  # the reductions with an L2 evict-last policy
+    {"dq_accum": 1, "dq_rotate": 1},  # each CTA walks its query tiles from its own start (v7)
+    {"dq_accum": 1, "dq_first": 1},  # dQ_part before dK, its reduction while dK runs (v8)
 ]
 
 
