@@ -64,8 +64,8 @@ def supports(head_dim: int, dtype: str) -> bool:
 
 
 def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
-    """dK/dV: 2 warpgroups (128 keys), 64 queries per step (at hd128 the dK + dV accumulators
-    take 128 registers per thread: 234-254 in all, no spill); dQ: 2 warpgroups (128 rows), 64
+    """dK/dV: 2 warpgroups (128 keys), 64 queries per step at hd128 (the dK + dV accumulators
+    take 128 registers per thread: 234-254 in all, no spill), 128 at hd64; dQ: 2 warpgroups (128 rows), 64
     keys per step, 128 at hd128 with causal masking.  ``lsd_overlap`` on; ``lag`` (3-slot ring)
     at hd128 without causal masking only: +5% there, a loss at hd64, and with causal masking
     ptxas serializes the dK/dV kernel's wgmmas (C7515; the dQ kernel stays clean, but both
@@ -75,11 +75,15 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     (perf-notes backward v3).  ``dq_accum`` (dQ from the dK/dV kernel, TMA bulk reductions) with
     causal masking: B2 H16 S4096 hd128 349 -> 373 TFLOP/s, seq 16k 424 -> 487, hd64 S4096
     272 -> 283, seq 1024 level; without it a loss of 1-6% (perf-notes backward v5).  Its
-    summation order varies between runs: ``deterministic`` turns it off."""
+    summation order varies between runs: ``deterministic`` turns it off.  At hd64 the dK/dV
+    kernel takes 128 queries per step (250 registers, no spill; ``dq_accum`` needs 64): B2 H32
+    S4096 312 -> 378 TFLOP/s, causal 283 (with dq_accum) -> 318; +11-21% over seq 512-16k
+    (perf-notes backward v9)."""
     lag = head_dim > 64 and not causal
-    return {"num_wg": 2, "block_q": 64, "block_n": 128 if head_dim > 64 and causal else 64,
+    return {"num_wg": 2, "block_q": 128 if head_dim == 64 else 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
-            "dq_accum": int(causal), "dq_wg_sum": 0, "dq_l2_hint": 0, "dq_rotate": 0, "dq_first": 0}
+            "dq_accum": int(causal and head_dim > 64), "dq_wg_sum": 0, "dq_l2_hint": 0, "dq_rotate": 0,
+            "dq_first": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -133,14 +137,16 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
         raise ValueError(f"the wgmma backward needs fp16/bf16 and head dim 64 or 128, got {dtype} d={head_dim}")
     if num_wg not in (1, 2) or num_stages < 2:
         raise ValueError("num_wg must be 1 or 2 and num_stages >= 2")
-    if block_q not in (16, 32, 64) or block_n % 16 or not 16 <= block_n <= 128:
+    if block_q not in (16, 32, 64, 128) or block_n % 16 or not 16 <= block_n <= 128:
         # block_q: the k16 steps of dV / dK and the packing of P^T, dS^T (pairs of 8-column groups)
-        raise ValueError("block_q must be 16, 32 or 64, block_n a multiple of 16 in [16, 128]")
+        raise ValueError("block_q must be 16, 32, 64 or 128, block_n a multiple of 16 in [16, 128]")
     # registers per thread: dK/dV kernel S^T, dP^T (block_q/2 each), packed P^T, dS^T (block_q/4
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
     # (head_dim/2); about 30 more for addresses and softmax state, within 255 (tight: hd128 with
     # block_q 64 estimates 254; ptxas uses 240-251 there, no spill)
-    if block_q * 3 // 2 + head_dim + 30 > 255 or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
+    # (block_q 128 at hd64 estimates 286; ptxas fits it in 250 registers, no spill: S^T and dP^T
+    # are not all live beside P^T and dS^T)
+    if block_q * 3 // 2 + head_dim + 30 > 255 and (block_q, head_dim) != (128, 64) or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     bars = 8 * num_stages if tma else 0  # an mbarrier per ring slot
     smem_dkdv = 2 * head_dim * (2 * 64 * num_wg + 2 * num_stages * block_q) + 1024 + bars + 16 * block_q  # + lsd
@@ -868,6 +874,8 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     k = {**default_knobs_backward(head_dim, causal), **knobs}
     if k["dq_accum"] and "lag" not in knobs:  # a default lag is dropped: dq_accum rules it out
         k["lag"] = 0
+    if k["dq_accum"] and "block_q" not in knobs:  # so is hd64's default of 128 queries per step
+        k["block_q"] = 64
     for name in ("dq_wg_sum", "dq_l2_hint", "dq_rotate", "dq_first"):  # (and their defaults without dq_accum)
         if not k["dq_accum"] and name not in knobs:
             k[name] = 0

@@ -86,8 +86,9 @@ def test_wgmma_backward_compiles_for_sm90a(tmp_path, d, dtype, causal):
     for other in (Workload(96, dtype, causal), Workload(d, "float32", causal), Workload(256, dtype, causal)):
         assert backward_schedule_module(target, other).__name__.endswith("cuda_simt")
     assert backward_schedule_module(make_target("cuda", "sm_90"), Workload(d, dtype, causal)).__name__.endswith("cuda_simt")
-    funcs = sched.schedule_backward(d, dtype, causal)  # causal: dQ from the dK/dV kernel (dq_accum)
-    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert" if causal else "flash_bwd_dq", "flash_bwd_prep"]
+    funcs = sched.schedule_backward(d, dtype, causal)  # hd128 causal: dQ from the dK/dV kernel (dq_accum)
+    dq_accum = causal and d == 128
+    assert sorted(funcs) == ["flash_bwd_dkdv", "flash_bwd_dq_convert" if dq_accum else "flash_bwd_dq", "flash_bwd_prep"]
     src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
 
@@ -214,9 +215,24 @@ def test_wgmma_backward_dq_first_assembles(tmp_path, d, causal):
             cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, **bad)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_wgmma_backward_block_q128_hd64_assembles(tmp_path, causal):
+    """hd64 with 128 queries per dK/dV step: above the register estimate, but ptxas fits it
+    without a spill or a serialized wgmma (checked here, since the estimate no longer guards it)."""
+    import tvm
+
+    from schedules import cuda_wgmma_bwd
+    from tvm_flash.build import make_target
+
+    funcs = cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, block_q=128, dq_accum=0)
+    src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
+    _assemble_wgmma(tmp_path, src, 3)
+    assert "m64n128k16.f32.bf16.bf16" in src  # S^T, dP^T: 64 keys x 128 queries per warpgroup
+
+
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
-    are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T), ``lag`` without a third
+    are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T; 128 only at hd64, registers), ``lag`` without a third
     ring slot (the slot its running GEMMs read would be refilled)."""
     from schedules import cuda_wgmma_bwd
 
@@ -359,7 +375,8 @@ def _assert_setmaxnreg_pool(src, ptxas_log, ws_num_wg, cubin=None, tma=False):
 
 
 def _cuobjdump():
-    """cuobjdump on PATH, else from the nvidia-cuda-cuobjdump wheel (a dev dependency), else None."""
+    """cuobjdump on PATH, else from the nvidia-cuda-cuobjdump wheel (a dev dependency; its -sass runs
+    nvdisasm, from the nvidia-cuda-nvdisasm wheel beside it), else None."""
     found = shutil.which("cuobjdump")
     if found:
         return found

@@ -96,6 +96,7 @@ def test_backward_asks_for_kernels_without_atomics_under_deterministic_algorithm
 
     assert cuda_wgmma_bwd.default_knobs_backward(128, True)["dq_accum"] == 1
     assert cuda_wgmma_bwd.default_knobs_backward(128, False)["dq_accum"] == 0
+    assert cuda_wgmma_bwd.default_knobs_backward(64, True)["dq_accum"] == 0  # hd64: 128-query steps instead
     funcs = cuda_wgmma_bwd.schedule_backward(128, "bfloat16", True, **cuda_wgmma_bwd.deterministic_knobs(128, True))
     assert "flash_bwd_dq" in funcs and "flash_bwd_dq_convert" not in funcs
     assert cuda_wgmma_bwd.deterministic_knobs(128, False) == {}  # no atomics there: the same module

@@ -49,6 +49,7 @@ WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"dq_accum": 1, "dq_l2_hint": 1},  # the reductions with an L2 evict-last policy
     {"dq_accum": 1, "dq_rotate": 1},  # each CTA walks its query tiles from its own start (v7)
     {"dq_accum": 1, "dq_first": 1},  # dQ_part before dK, its reduction while dK runs (v8)
+    {"block_q": 64},  # hd64: 64 queries per dK/dV step (its default before v9: 128)
 ]
 
 
