@@ -144,8 +144,11 @@ def _check(head_dim, dtype, num_wg, block_q, block_n, num_stages, lag=False, tma
     # each), dK + dV (head_dim); dQ kernel S, dP (block_n/2 each), packed dS (block_n/4), dQ
     # (head_dim/2); about 30 more for addresses and softmax state, within 255 (tight: hd128 with
     # block_q 64 estimates 254; ptxas uses 240-251 there, no spill)
-    # (block_q 128 at hd64 estimates 286; ptxas fits it in 250 registers, no spill: S^T and dP^T
-    # are not all live beside P^T and dS^T)
+    # (block_q 128 at hd64 estimates 286; ptxas fits it in 250 registers with tma, 255 without,
+    # no spill: S^T and dP^T are not all live beside P^T and dS^T; with lag it serializes the
+    # wgmmas, C7512)
+    if lag and block_q == 128:
+        raise ValueError("lag with block_q 128 exceeds the registers (ptxas serializes the wgmmas)")
     if block_q * 3 // 2 + head_dim + 30 > 255 and (block_q, head_dim) != (128, 64) or block_n * 5 // 4 + head_dim // 2 + 30 > 255:
         raise ValueError(f"block_q={block_q} / block_n={block_n} do not fit the register budget at head dim {head_dim}")
     bars = 8 * num_stages if tma else 0  # an mbarrier per ring slot

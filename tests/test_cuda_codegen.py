@@ -210,21 +210,27 @@ def test_wgmma_backward_dq_first_assembles(tmp_path, d, causal):
     # last one with A from registers)
     dq_gemm, rs_gemm = "ss_mma_async_sync_aligned_m64n64k16_f32_bf16_bf16_1_1_1_1(", f"rs_mma_async_sync_aligned_m64n{d}k16"
     assert dkdv.index(dq_gemm) < dkdv.rindex(rs_gemm)
-    for bad in ({"dq_accum": 0, "dq_first": 1}, {"dq_accum": 1, "dq_first": 1, "lag": 1, "num_stages": 3}):
+    for bad in ({"dq_accum": 0, "dq_first": 1}, {"dq_accum": 1, "dq_first": 1, "dq_wg_sum": 1},
+                {"dq_accum": 1, "dq_first": 1, "lag": 1, "num_stages": 3}):
         with pytest.raises(ValueError, match="dq_first|lag"):
             cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, **bad)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_wgmma_backward_block_q128_hd64_assembles(tmp_path, causal):
-    """hd64 with 128 queries per dK/dV step: above the register estimate, but ptxas fits it
-    without a spill or a serialized wgmma (checked here, since the estimate no longer guards it)."""
+@pytest.mark.parametrize("causal,tma", [(False, 1), (True, 0)])
+def test_wgmma_backward_block_q128_hd64_assembles(tmp_path, causal, tma):
+    """hd64 with 128 queries per dK/dV step (the default): above the register estimate, but
+    ptxas fits it without a spill or a serialized wgmma, also with cp.async loads (255
+    registers; checked here, since the estimate no longer guards it); with ``lag`` it would
+    serialize them, so that is refused, as is ``dq_accum`` (m64 dQ GEMM: 64 queries)."""
     import tvm
 
     from schedules import cuda_wgmma_bwd
     from tvm_flash.build import make_target
 
-    funcs = cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, block_q=128, dq_accum=0)
+    for bad in ({"lag": 1, "num_stages": 3}, {"dq_accum": 1}):
+        with pytest.raises(ValueError, match="lag|dq_accum"):
+            cuda_wgmma_bwd.flash_backward_wgmma(64, "bfloat16", causal, block_q=128, **bad)
+    funcs = cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, block_q=128, dq_accum=0, tma=tma)
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
     assert "m64n128k16.f32.bf16.bf16" in src  # S^T, dP^T: 64 keys x 128 queries per warpgroup

@@ -29,6 +29,8 @@ CASES = [  # dtype, b, hq, hkv, sq, sk, d, causal, with a gradient into the LSE
     (torch.float16, 2, 2, 2, 77, 300, 128, True, False),
     (torch.bfloat16, 1, 2, 2, 1, 1, 128, True, False),  # one query, one key
     (torch.bfloat16, 1, 2, 1, 64, 300, 128, True, False),  # key tiles no query sees: dK = dV = 0
+    (torch.float16, 1, 2, 1, 128, 300, 64, True, False),  # ... at hd64 (128-query steps: n_t = 0 there)
+    (torch.bfloat16, 1, 4, 2, 300, 300, 128, True, False),  # causal GQA; dq_rotate: CTA 1 starts past i0
     (torch.float16, 1, 4, 4, 100, 100, 96, True, False),  # ... plain FFMA (head dim 96)
 ]
 
@@ -49,7 +51,7 @@ WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"dq_accum": 1, "dq_l2_hint": 1},  # the reductions with an L2 evict-last policy
     {"dq_accum": 1, "dq_rotate": 1},  # each CTA walks its query tiles from its own start (v7)
     {"dq_accum": 1, "dq_first": 1},  # dQ_part before dK, its reduction while dK runs (v8)
-    {"block_q": 64},  # hd64: 64 queries per dK/dV step (its default before v9: 128)
+    {"block_q": 64},  # hd64: 64 queries per dK/dV step (the default before v9; now 128)
 ]
 
 
