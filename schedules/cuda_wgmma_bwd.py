@@ -83,7 +83,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     return {"num_wg": 2, "block_q": 128 if head_dim == 64 else 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
             "dq_accum": int(causal and head_dim > 64), "dq_wg_sum": 0, "dq_l2_hint": 0, "dq_rotate": 0,
-            "dq_first": 0, "dq_num_stages": None, "dq_lag": None}
+            "dq_first": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -885,14 +885,6 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
     for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint", "dq_rotate",
                  "dq_first"):
         k[name] = bool(k[name])
-    # dq_num_stages / dq_lag: the dQ kernel's ring depth and lag where they differ from the dK/dV
-    # kernel's (the two kernels come from two calls; the dK/dV kernel does not use block_n)
-    dq_own = {"num_stages": k.pop("dq_num_stages"), "lag": k.pop("dq_lag")}
-    dq_own = {name: v for name, v in dq_own.items() if v is not None and v != k[name]}
-    if dq_own and k["dq_accum"]:
-        raise ValueError("dq_num_stages / dq_lag are for the dQ kernel, which dq_accum replaces")
-    dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **{**k, "block_n": 64} if dq_own else k)
-    if dq_own:
-        _, dq = flash_backward_wgmma(head_dim, dtype, causal, **{**k, **dq_own, "lag": bool(dq_own.get("lag", k["lag"]))})
+    dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,
             "flash_bwd_dq_convert" if k["dq_accum"] else "flash_bwd_dq": dq}

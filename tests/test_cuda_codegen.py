@@ -236,30 +236,6 @@ def test_wgmma_backward_block_q128_hd64_assembles(tmp_path, causal, tma):
     assert "m64n128k16.f32.bf16.bf16" in src  # S^T, dP^T: 64 keys x 128 queries per warpgroup
 
 
-def test_wgmma_backward_dq_kernel_own_ring(tmp_path):
-    """``dq_num_stages`` / ``dq_lag``: the dQ kernel gets its own ring depth and lag (hd128
-    non-causal: 128-key steps with 2 slots, which with the dK/dV kernel's 3 slots would exceed
-    shared memory); the dK/dV kernel is the default's, the dQ kernel that of those knobs for
-    both kernels; refused with dq_accum (no dQ kernel)."""
-    import tvm
-
-    from schedules import cuda_wgmma_bwd
-    from tvm_flash.build import make_target
-
-    def kernels(**kn):
-        src = tvm.compile(tvm.IRModule(cuda_wgmma_bwd.schedule_backward(128, "bfloat16", False, **kn)),
-                          target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
-        return src, {name: next(k for k in src.split('extern "C" __global__') if f"{name}_kernel(" in k and ") {" in k)
-                     for name in ("flash_bwd_dkdv", "flash_bwd_dq")}
-
-    src, own = kernels(block_n=128, dq_num_stages=2, dq_lag=0)
-    _assemble_wgmma(tmp_path, src, 3)
-    assert own["flash_bwd_dkdv"] == kernels()[1]["flash_bwd_dkdv"]
-    assert own["flash_bwd_dq"] == kernels(block_n=128, num_stages=2, lag=0)[1]["flash_bwd_dq"]
-    with pytest.raises(ValueError, match="dq_accum replaces"):
-        cuda_wgmma_bwd.schedule_backward(128, "bfloat16", False, dq_accum=1, dq_num_stages=2)
-
-
 def test_wgmma_backward_knob_rules():
     """Tile shapes the backward cannot serve are refused before a build: block_q values that
     are not 16/32/64 (k16 steps of dV/dK, packing of P^T/dS^T; 128 only at hd64, registers), ``lag`` without a third
