@@ -164,7 +164,7 @@ def get_backward_kernels(workload: Workload, target: tvm.target.Target, determin
     ``schedules.cuda_simt``).  A module with ``flash_bwd_prep`` (delta = rowsum(dO * O) - dLSE)
     wants it run first and its delta passed in place of dLSE: ``ops._backward_into``.
     ``deterministic``: the schedule's ``deterministic_knobs`` over its defaults, where it has
-    any (kernels that add with atomics: ``cuda_wgmma_bwd``'s causal ``dq_accum``; the others never
+    any (kernels that add with atomics: ``cuda_wgmma_bwd``'s hd128 causal ``dq_accum``; the others never
     do), so the same module where the defaults have no atomics."""
     sched = backward_schedule_module(target, workload)
     knobs = {}
