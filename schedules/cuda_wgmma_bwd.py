@@ -85,7 +85,7 @@ def default_knobs_backward(head_dim: int, causal: bool = False) -> dict:
     return {"num_wg": 2, "block_q": 128 if head_dim == 64 else 64, "block_n": 128 if head_dim > 64 and causal else 64,
             "num_stages": 3 if lag else 2, "overlap": 1, "lsd_overlap": 1, "lag": int(lag), "tma": 1,
             "dq_accum": int(causal and head_dim > 64), "dq_wg_sum": 0, "dq_l2_hint": 0, "dq_rotate": 0,
-            "dq_first": 0, "dq_defer": 0}
+            "dq_first": 0}
 
 
 def deterministic_knobs(head_dim: int, causal: bool) -> dict:
@@ -165,7 +165,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                          block_n: int = 64, num_stages: int = 2, overlap: bool = True,
                          lsd_overlap: bool = False, lag: bool = False, tma: bool = False, dq_accum: bool = False,
                          dq_wg_sum: bool = False, dq_l2_hint: bool = False, dq_rotate: bool = False,
-                         dq_first: bool = False, dq_defer: bool = False):
+                         dq_first: bool = False):
     """(flash_bwd_dkdv, flash_bwd_dq) PrimFuncs (module docstring).  ``overlap``: wait for each
     wgmma group only when its result is needed, so the softmax-side work of a step runs beside
     the step's next GEMM (else every group is waited for at once: the first GPU-checked order).
@@ -198,8 +198,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         raise ValueError("dq_rotate needs dq_accum")
     if dq_first and not dq_accum or dq_first and dq_wg_sum:
         raise ValueError("dq_first needs dq_accum (and not dq_wg_sum)")
-    if dq_defer and (dq_accum or num_stages < 3):
-        raise ValueError("dq_defer is for the dQ kernel (not with dq_accum) and needs num_stages >= 3")
 
     def qtile(t, i0, n_qt, bx, Sk):
         # the query tile of step t (within its head's n_qt tiles from i0), rotated by dq_rotate
@@ -277,13 +275,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             rs_d(*[acc[i] for i in range(DV_ACC)], frag[kn * 4 + 0], frag[kn * 4 + 1], frag[kn * 4 + 2], frag[kn * 4 + 3],
                  desc_b + T.uint64((slot * NP * panel * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
         wg_commit()
-
-    @body_macro
-    def issue_rs_nc(acc, frag, desc_b, slot, panel, kn_count):
-        # issue_rs without its commit (dq_defer commits it, or an empty group, unconditionally)
-        for kn in T.unroll(kn_count):
-            rs_d(*[acc[i] for i in range(DV_ACC)], frag[kn * 4 + 0], frag[kn * 4 + 1], frag[kn * 4 + 2], frag[kn * 4 + 3],
-                 desc_b + T.uint64((slot * NP * panel * 2 + kn * 16 * 128) >> 4), True, 1, 1, 1)
 
     @body_macro
     def store_rows(acc, out32, H, S, bz, h, row0, mul):
@@ -643,9 +634,6 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             dkdv_entry()
 
     # ------------------------------------------------------------------ dQ
-    # dq_defer: step j's dQ GEMM is issued in step j+1 after its S and dP (in place of lag here)
-    LAG_DQ = lag and not dq_defer
-    PF_DQ = NS - 1 - int(lag or dq_defer)
     SN_ACC = BN // 2
     KN = BN // 16
     DQ_Q_OFF, DQ_DO_OFF = 0, NP * M_PANEL
@@ -662,25 +650,15 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
         tma_tile(tm_v, DQ_V_OFF + slot * NP * N_PANEL, N_PANEL, j * BN, hk, DQ_BAR + 4 * slot)
 
     @body_macro
-    def dq_step(j, slot, first):
+    def dq_step(j, slot):
         # S = Q K^T and dP = dO V^T, then P (with `overlap`: while dP is on the tensor cores),
         # dS, dQ += dS K
         wg_fence()
         issue_ss(ss_n, s, SN_ACC, desc[0], desc[2], slot, N_PANEL)
         issue_ss(ss_n, dp, SN_ACC, desc[1], desc[3], slot, N_PANEL)
-        if dq_defer:
-            # the last step's dQ += dS K (its dS packed in pd, its K in the slot before), after
-            # this step's S and dP on the tensor cores: it runs while P is computed.  Step 0
-            # (peeled: no branch around a wgmma, which makes ptxas inject fences, C7519) has
-            # none: an empty group keeps the count of groups the waits below rely on
-            if not first:
-                issue_rs_nc(dq_acc, pd, desc[4], (j + NS - 1) % NS, N_PANEL, KN)
-            wg_commit()
-            wg_wait(2 if overlap else 0)  # S complete (dP and the last dQ may run)
-        else:
-            wg_wait(1 if overlap else 0)  # S complete (and, with lag, the last step's dQ)
+        wg_wait(1 if overlap else 0)  # S complete (and, with lag, the last step's dQ)
         pin_all(s, SN_ACC)
-        if LAG_DQ:
+        if lag:
             pin_all(dq_acc, DV_ACC)
         n0 = j * BN
         for nt, hh, e2 in T.grid(BN // 8, 2, 2):
@@ -689,35 +667,16 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             ex2(s[idx], s[idx] * sl2 - rl[hh])
             if (col >= Sk) or (causal and col > m0 + wg * 64 + warp * 16 + g + hh * 8):
                 s[idx] = T.float32(0)
-        wg_wait(0)  # dP complete (dq_defer: and the last step's dQ, which read pd)
+        wg_wait(0)  # dP complete
         pin_all(dp, SN_ACC)
         for nt, hh, e2 in T.grid(BN // 8, 2, 2):
             dp[nt * 4 + hh * 2 + e2] = s[nt * 4 + hh * 2 + e2] * (dp[nt * 4 + hh * 2 + e2] - rd[hh])
         pack_frag(pd, dp, KN)
-        if not dq_defer:
-            wg_fence()
-            issue_rs(dq_acc, pd, desc[4], slot, N_PANEL, KN)
-            if not lag:
-                wg_wait(0)
-                pin_all(dq_acc, DV_ACC)
-
-    @body_macro
-    def dq_top(j):
-        # the top of dQ step j: its (K, V) tile landed, everyone past step j-1, the prefetch
-        if tma:
-            wait_slot(DQ_BAR, j)
-        else:
-            wait_group(PF_DQ - 1)
-            fence_proxy()
-        T.tvm_storage_sync("shared")
-        if tma:
-            if tx == 0 and j + PF_DQ < n_blk:
-                tma_kv(j + PF_DQ, (j + PF_DQ) % NS, 0)
-        else:
-            if j + PF_DQ < n_blk:
-                load_n(smem, k, bz, hk, Sk, (j + PF_DQ) * BN, DQ_K_OFF + ((j + PF_DQ) % NS) * NP * N_PANEL, tx)
-                load_n(smem, v, bz, hk, Sk, (j + PF_DQ) * BN, DQ_V_OFF + ((j + PF_DQ) % NS) * NP * N_PANEL, tx)
-            commit()
+        wg_fence()
+        issue_rs(dq_acc, pd, desc[4], slot, N_PANEL, KN)
+        if not lag:
+            wg_wait(0)
+            pin_all(dq_acc, DV_ACC)
 
     @body_macro
     def dq_grid():
@@ -759,13 +718,13 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                                 tma_kv(0, 0, 2 * M_BYTES)
                                 tma_tile(tm_q, DQ_Q_OFF, M_PANEL, m0, hq, DQ_BAR)
                                 tma_tile(tm_do, DQ_DO_OFF, M_PANEL, m0, hq, DQ_BAR)
-                                for st in T.unroll(PF_DQ - 1):
+                                for st in T.unroll(PF - 1):
                                     if st + 1 < n_blk:
                                         tma_kv(st + 1, st + 1, 0)
                         else:
                             load_m(smem, q, bz, hq, Sq, m0, DQ_Q_OFF, tx)
                             load_m(smem, do, bz, hq, Sq, m0, DQ_DO_OFF, tx)
-                            for st in T.unroll(PF_DQ):
+                            for st in T.unroll(PF):
                                 if st < n_blk:
                                     load_n(smem, k, bz, hk, Sk, st * BN, DQ_K_OFF + st * NP * N_PANEL, tx)
                                     load_n(smem, v, bz, hk, Sk, st * BN, DQ_V_OFF + st * NP * N_PANEL, tx)
@@ -775,18 +734,22 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
                             row = m0 + wg * 64 + warp * 16 + g + hh * 8
                             rl[hh] = T.if_then_else(row < Sq, lse[bz, hq, T.min(row, Sq - 1)] * T.float32(LOG2E), T.float32(INF))
                             rd[hh] = T.if_then_else(row < Sq, delta[bz, hq, T.min(row, Sq - 1)], T.float32(0))
-                        if dq_defer:  # (n_blk >= 1: kv_len >= 1 for every CTA)
-                            dq_top(0)
-                            dq_step(0, 0, True)
-                            for j1 in T.serial(n_blk - 1):
-                                dq_top(j1 + 1)
-                                dq_step(j1 + 1, (j1 + 1) % NS, False)
-                            wg_fence()  # the last step's dQ
-                            issue_rs(dq_acc, pd, desc[4], (n_blk + NS - 1) % NS, N_PANEL, KN)
-                        else:
-                            for j in T.serial(n_blk):
-                                dq_top(j)
-                                dq_step(j, j % NS, False)
+                        for j in T.serial(n_blk):
+                            if tma:
+                                wait_slot(DQ_BAR, j)
+                            else:
+                                wait_group(PF - 1)
+                                fence_proxy()
+                            T.tvm_storage_sync("shared")
+                            if tma:
+                                if tx == 0 and j + PF < n_blk:
+                                    tma_kv(j + PF, (j + PF) % NS, 0)
+                            else:
+                                if j + PF < n_blk:
+                                    load_n(smem, k, bz, hk, Sk, (j + PF) * BN, DQ_K_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
+                                    load_n(smem, v, bz, hk, Sk, (j + PF) * BN, DQ_V_OFF + ((j + PF) % NS) * NP * N_PANEL, tx)
+                                commit()
+                            dq_step(j, j % NS)
                         if not tma:
                             wait_group(0)
                         wg_wait(0)
@@ -922,7 +885,7 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
         if not k["dq_accum"] and name not in knobs:
             k[name] = 0
     for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint", "dq_rotate",
-                 "dq_first", "dq_defer"):
+                 "dq_first"):
         k[name] = bool(k[name])
     dkdv, dq = flash_backward_wgmma(head_dim, dtype, causal, **k)
     return {"flash_bwd_prep": delta_pass(head_dim, dtype), "flash_bwd_dkdv": dkdv,

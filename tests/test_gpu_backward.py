@@ -52,7 +52,6 @@ WGMMA_BWD_VARIANTS = [  # knob sets of the wgmma backward beside the defaults
     {"dq_accum": 1, "dq_rotate": 1},  # each CTA walks its query tiles from its own start (v7)
     {"dq_accum": 1, "dq_first": 1},  # dQ_part before dK, its reduction while dK runs (v8)
     {"block_q": 64},  # hd64: 64 queries per dK/dV step (the default before v9; now 128)
-    {"dq_accum": 0, "num_stages": 3, "block_n": 64, "dq_defer": 1},  # dQ GEMM after the next S, dP (v11, not yet run)
 ]
 
 
