@@ -4,8 +4,8 @@ The two PrimFuncs of ``tvm_flash/compute_backward.py`` (same signatures, same ma
 key tile; dQ per query tile; no atomics, so the result is deterministic), with every product on
 ``wgmma`` and fp32 accumulation.  (With ``dq_accum``, the default at head dim 128 with causal
 masking, the dK/dV kernel also computes dQ's partial sums and adds them by atomic bulk
-reductions, followed by a convert pass instead of the dQ kernel: ``flash_backward_wgmma``.)  Each GEMM takes one of the two operand forms the forward kernel
-(``cuda_wgmma``) already uses, so the tile layout, descriptors and register fragments are the
+reductions, followed by a convert pass instead of the dQ kernel: ``flash_backward_wgmma``.)
+Each GEMM takes one of the two operand forms the forward kernel (``cuda_wgmma``) already uses, so the tile layout, descriptors and register fragments are the
 forward's: tiles in shared memory as 128-byte-swizzled 64-column panels, loaded with ``cp.async``;
 an m64nNk16 wgmma with A and B "K-major" from shared memory, or with A from registers (a
 packed fp16/bf16 accumulator) and B "MN-major" from shared memory.
@@ -187,7 +187,7 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
     order varies between runs (atomic adds): the default with causal masking only.
     ``dq_wg_sum`` (hd64, where both warpgroups' dQ_part cover the same 64 x 64 tile): warpgroup 0
     stages its part, warpgroup 1 adds its own into it in shared memory and issues one bulk
-    reduction (backward v6: 5-14% slower, the barrier of both warpgroups).  ``dq_l2_hint``: the
+    reduction (backward v6: 6-14% slower, the barrier of both warpgroups).  ``dq_l2_hint``: the
     bulk reductions carry an L2 evict-last policy (FA3's; no gain on the H200, v6).
     ``dq_rotate``: dK/dV CTA ``bx`` of ``nbx`` walks its query tiles starting at tile
     ``bx * n_qt // nbx`` (wrapping), so the CTAs of one head that run at once add into different
