@@ -5,8 +5,9 @@ key tile; dQ per query tile; no atomics, so the result is deterministic), with e
 ``wgmma`` and fp32 accumulation.  (With ``dq_accum``, the default at head dim 128 with causal
 masking, the dK/dV kernel also computes dQ's partial sums and adds them by atomic bulk
 reductions, followed by a convert pass instead of the dQ kernel: ``flash_backward_wgmma``.)
-Each GEMM takes one of the two operand forms the forward kernel (``cuda_wgmma``) already uses, so the tile layout, descriptors and register fragments are the
-forward's: tiles in shared memory as 128-byte-swizzled 64-column panels, loaded with ``cp.async``;
+Each GEMM takes one of the two operand forms the forward kernel (``cuda_wgmma``) already uses,
+so the tile layout, descriptors and register fragments are the forward's: tiles in shared
+memory as 128-byte-swizzled 64-column panels, loaded with ``cp.async``;
 an m64nNk16 wgmma with A and B "K-major" from shared memory, or with A from registers (a
 packed fp16/bf16 accumulator) and B "MN-major" from shared memory.
 
