@@ -471,19 +471,16 @@ def flash_backward_wgmma(head_dim: int, dtype: str, causal: bool, *, num_wg: int
             wg_wait(1)
             pin_all(dqp, 32)
             dq_reduce(t)
-            wg_wait(0)
-            pin_all(dv_acc, DV_ACC)
-            pin_all(dk_acc, DV_ACC)
         else:
             wg_fence()
             issue_rs(dk_acc, pd, desc[4], slot, Q_PANEL, KQ)
             if dq_accum:
                 dq_part()
-        if not lag and not dq_first:
+        if not lag:  # (always so with dq_accum)
             wg_wait(0)
             pin_all(dv_acc, DV_ACC)
             pin_all(dk_acc, DV_ACC)
-            if dq_accum:
+            if dq_accum and not dq_first:
                 pin_all(dqp, 32)
                 dq_reduce(t)
 
