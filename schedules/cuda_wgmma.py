@@ -112,11 +112,13 @@ def ws_registers(num_wg, tma=False):
     return launch, loader, consumer
 
 
-def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False, persistent=False, o_stage=False):
+def smem_bytes(head_dim, num_wg=2, block_n=128, num_stages=2, ws=False, persistent=False, o_stage=False,
+               kv_split=False):
     """Dynamic shared memory of one CTA: Q tile + num_stages K and V tiles (+1 KiB alignment slack;
-    + 2 mbarriers per ring slot when warp specialized, + 2 for the Q tile when persistent; + an
-    O tile of its own where the epilogue's TMA stores cannot use Q's: persistent)."""
-    bars = (16 * num_stages if ws else 0) + (16 if persistent else 0)
+    + 2 mbarriers per ring slot when warp specialized, 4 with ``kv_split``, + 2 for the Q tile
+    when persistent; + an O tile of its own where the epilogue's TMA stores cannot use Q's:
+    persistent)."""
+    bars = ((32 if kv_split else 16) * num_stages if ws else 0) + (16 if persistent else 0)
     rows = 64 * num_wg * (2 if o_stage else 1)
     return 2 * head_dim * (rows + 2 * num_stages * block_n) + 1024 + bars
 
@@ -127,7 +129,7 @@ def _acc_regs(head_dim, block_n):
 
 
 def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False,
-           persistent=0, tma_store=False):
+           persistent=0, tma_store=False, kv_split=False):
     if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -146,6 +148,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
     if tma_store and not tma:
         raise ValueError("tma_store needs tma=1")
+    if kv_split and not (ws and tma and overlap):
+        raise ValueError("kv_split needs ws=1, tma=1 and overlap=1 (the TMA loader and FA3's loop order)")
     # S + O accumulators + packed P per thread, plus ~30 others, must fit the per-thread register
     # budget of 128*num_wg threads (nvcc: 255 at 1-2 warpgroups, 168 at 3; with ws the consumers'
     # share after setmaxnreg, ws_registers), else ptxas spills and serializes the wgmmas
@@ -157,7 +161,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
     if acc > (196 if ws else 190) or acc + 30 > budget:
         raise ValueError(f"head_dim={head_dim}, block_n={block_n}, num_wg={num_wg}: {acc} accumulator registers "
                          f"per thread do not fit the register budget ({budget}); use a smaller block_n or num_wg")
-    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws or tma, bool(persistent), bool(tma_store and persistent)) > MAX_SMEM:
+    if smem_bytes(head_dim, num_wg, block_n, num_stages, ws or tma, bool(persistent), bool(tma_store and persistent),
+                  kv_split) > MAX_SMEM:
         raise ValueError("tile configuration exceeds 227 KiB of shared memory")
 
 
@@ -176,6 +181,7 @@ def forward_wgmma(
     tma: bool = False,
     persistent: int = 0,
     tma_store: bool = False,
+    kv_split: bool = False,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -225,6 +231,13 @@ def forward_wgmma(
     tile, and the next epilogue waits until they have read it (v15: exact, 2-3% slower than the
     defaults at hd128 non-causal, 27% with causal masking; not a default).
 
+    ``kv_split`` (with ``ws``, ``tma``, ``overlap``; FA3's separate K and V pipelines): each ring
+    slot's K and V tiles get full/empty mbarriers of their own.  A warpgroup releases K_j as soon
+    as S_j is complete and V_j after P V_j; the loader issues K_{j+1} before V_j.  So K runs a
+    tile ahead of V, and a 2-slot ring (160 KB at hd128 with 128-key tiles) can feed two
+    ping-ponging warpgroups, which the shared slot could not (v12); the room left holds the
+    persistent kernel's O tile beside 128-key tiles, or FA3's 176-key tile.
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads); o: the epilogue's
@@ -235,8 +248,8 @@ def forward_wgmma(
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent, tma_store)
-    PERSIST = bool(persistent)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent, tma_store, kv_split)
+    PERSIST, KVS = bool(persistent), bool(kv_split)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
     AB_EXP, AB_SYNC, AB_LOAD, AB_PV, AB_S, AB_OUT = (c in ablate for c in "eslpqo")
@@ -267,9 +280,13 @@ def forward_wgmma(
     # in an O tile of its own after the ring
     O_STAGE = tma_store and PERSIST
     EPI_OFF = V_OFF + NS * NP * KV_PANEL if O_STAGE else 0
-    BAR_OFF = V_OFF + NS * NP * KV_PANEL + (NP * Q_PANEL if O_STAGE else 0)  # ws or tma: mbarriers full[NS], empty[NS] (8 bytes each)
-    QF_BAR, QE_BAR = BAR_OFF + 8 * NS, BAR_OFF + 8 * NS + 4  # persistent: Q tile full / empty
-    SMEM = BAR_OFF + (8 * NS if ws or tma else 0) + (8 if PERSIST else 0)
+    # ws or tma: mbarriers full[NS], empty[NS] (8 bytes = 4 elements each); kv_split: those are
+    # K's, then V's full[NS], empty[NS]
+    BAR_OFF = V_OFF + NS * NP * KV_PANEL + (NP * Q_PANEL if O_STAGE else 0)
+    NBAR = (4 if KVS else 2) * NS
+    VF_OFF, VE_OFF = BAR_OFF + 8 * NS, BAR_OFF + 12 * NS  # kv_split: V's full / empty barriers
+    QF_BAR, QE_BAR = BAR_OFF + 4 * NBAR, BAR_OFF + 4 * NBAR + 4  # persistent: Q tile full / empty
+    SMEM = BAR_OFF + (4 * NBAR if ws or tma else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
     assert BM * (D // 8) % LT == 0
     KV_REM = BN * (D // 8) % LT  # block_n * D/8 need not divide by the thread count
@@ -335,15 +352,52 @@ def forward_wgmma(
         tma_tile(tm_v, V_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
 
     @body_macro
+    def tma_k(t, g):
+        # kv_split: key tile t's K into ring slot g % NS, on K's full barrier of the slot
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (g % NS)])), KV_TILE_BYTES)
+        tma_tile(tm_k, K_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
+
+    @body_macro
+    def tma_v(t, g):
+        # kv_split: key tile t's V into ring slot g % NS, on V's full barrier of the slot
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[VF_OFF + 4 * (g % NS)])), KV_TILE_BYTES)
+        tma_tile(tm_v, V_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, VF_OFF + 4 * (g % NS))
+
+    @body_macro
+    def wait_empty(e_off, g):
+        # the loader: ring position g's slot was released (by every consumer warp) for the
+        # tile NS positions before; nothing to wait for on the ring's first pass
+        if g >= NS:
+            _mbar("mbar_wait", T.address_of(smem[e_off + 4 * (g % NS)]), (g // NS - 1) % 2)
+
+    @body_macro
+    def split_kv_loads(kb):
+        # kv_split: the key tiles of one query tile, K running one tile ahead of V (K_{t+1},
+        # then V_t: the order the consumers use them in); tile 0's K was issued before
+        for t in T.serial(n_blk):
+            if t + 1 < n_blk:
+                wait_empty(BAR_OFF + 4 * NS, kb + t + 1)
+                tma_k(t + 1, kb + t + 1)
+            wait_empty(VE_OFF, kb + t)
+            tma_v(t, kb + t)
+
+    @body_macro
     def tma_q():
         # tma: the Q tile, on slot 0's full barrier, whose expected bytes include key tile 0's
-        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])), Q_TILE_BYTES + 2 * KV_TILE_BYTES)
+        # (kv_split: K's only)
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])),
+                  Q_TILE_BYTES + (1 if KVS else 2) * KV_TILE_BYTES)
         tma_tile(tm_q, 0, Q_PANEL, m0, hq, BAR_OFF)
+        if KVS:
+            tma_tile(tm_k, K_OFF, KV_PANEL, 0, hk, BAR_OFF)
 
     @body_macro
     def producer_tma():
         # tma: one thread of the loader warpgroup; Q rides on tile 0's full barrier
-        if tx == NWG * 128:
+        if tx == NWG * 128 and KVS:
+            tma_q()  # with K_0
+            split_kv_loads(0)
+        elif tx == NWG * 128:
             tma_q()
             for t in T.serial(n_blk):
                 if t >= NS:
@@ -355,14 +409,19 @@ def forward_wgmma(
         # persistent: one query tile's loads by the loader thread; the ring position of its key
         # tile t is kb + t (kb: key tiles this CTA loaded before); Q waits for the consumers to
         # release the previous tile's Q
+        if KVS:  # the tile's first K before its Q, which waits for the previous tile's release
+            wait_empty(BAR_OFF + 4 * NS, kb)
+            tma_k(0, kb)
         if it > 0:
             _mbar("mbar_wait", T.address_of(smem[QE_BAR]), (it - 1) % 2)
         expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[QF_BAR])), Q_TILE_BYTES)
         tma_tile(tm_q, 0, Q_PANEL, m0, hq, QF_BAR)
-        for t in T.serial(n_blk):
-            if kb + t >= NS:
-                _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + (kb + t) % NS)]), ((kb + t) // NS - 1) % 2)
-            tma_kv(t, kb + t, True)
+        if KVS:
+            split_kv_loads(kb)
+        else:
+            for t in T.serial(n_blk):
+                wait_empty(BAR_OFF + 4 * NS, kb + t)
+                tma_kv(t, kb + t, True)
 
     @body_macro
     def producer():
@@ -385,6 +444,18 @@ def forward_wgmma(
         # ws or tma: tile jt landed (the loader's copies), then visible to the async proxy
         _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
         fence_proxy()
+
+    @body_macro
+    def wait_full_v(jt):
+        # kv_split: V of tile jt landed
+        _mbar("mbar_wait", T.address_of(smem[VF_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
+        fence_proxy()
+
+    @body_macro
+    def release_v(jt):
+        # kv_split: this warp's P V wgmmas no longer read tile jt's V
+        if lane == 0:
+            _mbar("mbar_arrive", T.address_of(smem[VE_OFF + 4 * (jt % NS)]))
 
     @body_macro
     def release_q():
@@ -548,6 +619,8 @@ def forward_wgmma(
         elif ws:
             # FA3 order (see below) with the loader warpgroup's barriers; with pingpong every
             # wgmma issue is one turn of the round robin between the consumer warpgroups
+            # (kv_split: K_j released once S_j is complete, V_j after P V_j; V waited for
+            # separately, before the turn that issues P V_j)
             if pingpong and wg == NWG - 1:
                 _named_bar("arrive", 1, 256)  # warpgroup 0 goes first
             wait_full(kb)
@@ -556,22 +629,33 @@ def forward_wgmma(
             turn_pass(False)
             wg_wait(0)
             pin_all(s, SACC)
+            if KVS:
+                release(kb)
             softmax_rows(s, 0)
             pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
                 wait_full(kb + j + 1)
+                if KVS:
+                    wait_full_v(kb + j)
                 turn_wait()
                 issue_s(s, (kb + j + 1) % NS)
                 rescale_issue_pv((kb + j) % NS)
                 turn_pass(False)
                 wg_wait(1)  # S_{j+1} complete; P V_j in flight
                 pin_all(s, SACC)
+                if KVS:
+                    release(kb + j + 1)
                 softmax_rows(s, j + 1)
                 wg_wait(0)
                 pin_all(acc, OACC)
-                release(kb + j)
+                if KVS:
+                    release_v(kb + j)
+                else:
+                    release(kb + j)
                 pack_frag(pf, s, KN)
             release_q()
+            if KVS:
+                wait_full_v(kb + n_blk - 1)
             turn_wait()
             rescale_issue_pv((kb + n_blk - 1) % NS)
             turn_pass(True)
@@ -635,7 +719,9 @@ def forward_wgmma(
 
         wg_wait(0)
         pin_all(acc, OACC)
-        if PERSIST:
+        if PERSIST and KVS:
+            release_v(kb + n_blk - 1)  # the last key tile's V slot (the loader runs on)
+        elif PERSIST:
             release(kb + n_blk - 1)  # the ring slot of the last key tile (the loader runs on)
         # ---- epilogue: O / l and LSE ----
         if O_STAGE:  # the last tile's TMA stores have read this warpgroup's O tile
@@ -678,8 +764,8 @@ def forward_wgmma(
         # ws or tma: full / empty mbarrier per ring slot (+ Q full / empty when persistent; the
         # all-threads TMA loop uses only the full ones)
         if tx == 0:
-            for i in T.unroll(2 * NS):
-                _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), (1 if tma else 128) if i < NS else NWG * 4)
+            for i in T.unroll(NBAR):  # full barriers: i % (2 NS) < NS
+                _mbar("mbar_init", T.address_of(smem[BAR_OFF + 4 * i]), (1 if tma else 128) if i % (2 * NS) < NS else NWG * 4)
             if PERSIST:
                 _mbar("mbar_init", T.address_of(smem[QF_BAR]), 1)
                 _mbar("mbar_init", T.address_of(smem[QE_BAR]), NWG * 4)
@@ -865,14 +951,25 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     return {**ws, "block_n": 48, "num_stages": 3}
 
 
-def short_knobs(head_dim: int, dtype: str, causal: bool) -> dict | None:
-    """Knobs for key lengths up to ``tvm_flash.ops._SHORT_SEQ`` (2048; ops picks the kernel per
-    call), where a CTA's fixed cost (Q tile, epilogue) weighs most, or None (the defaults serve
-    every length).  hd64: 64-key tiles, the P.V wait not deferred: kernel alone on the H200,
-    bf16, 16k tokens, seq 512 / 1024 / 2048: 377 / 422 / 437 TFLOP/s non-causal (128-key
-    tiles 347 / 406 / 420), 282 / 350 / 384 causal (249 / 310 / 372) (perf-notes v11)."""
+def short_knobs(head_dim: int, dtype: str, causal: bool, max_seq_k: int = 2048, sms: int | None = None) -> dict | None:
+    """Knobs for every key length up to ``max_seq_k`` (``tvm_flash.ops`` picks the kernel per call
+    from its length classes, 1024 and 2048), where a CTA's fixed cost (Q tile, epilogue) weighs
+    most, or None (the defaults serve those lengths too).  ``sms``: the GPU's SM count (the
+    persistent kernel's CTA count; None: no persistent kernel).  Kernel alone on the H200, bf16,
+    16k tokens:
+
+    * hd64 (up to 2048): 64-key tiles, the P.V wait not deferred: seq 512 / 1024 / 2048 377 /
+      422 / 437 TFLOP/s non-causal (128-key tiles 347 / 406 / 420), 282 / 350 / 384 causal
+      (249 / 310 / 372) (perf-notes v11);
+    * hd128 non-causal (up to 1024): persistent CTAs with K and V in separate 2-slot rings and
+      the TMA-store epilogue from an O tile of its own: seq 512 / 1024 481 / 541 (defaults
+      434 / 528), fp16 463 / 523 (431 / 509); at 2048 no better in bf16, 8% slower in fp16;
+      causal masking loses with it (perf-notes v16)."""
     if head_dim <= 64:
         return {**default_knobs(head_dim, dtype, causal), "block_n": 64, "defer_pv_wait": 0}
+    if head_dim == 128 and not causal and max_seq_k <= 1024 and sms:
+        return {**default_knobs(head_dim, dtype, causal), "kv_split": 1, "num_stages": 2, "persistent": sms,
+                "tma_store": 1}
     return None
 
 
@@ -898,14 +995,14 @@ def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
            bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)),
-           int(k.get("persistent", 0)), bool(k.get("tma_store", False)))
+           int(k.get("persistent", 0)), bool(k.get("tma_store", False)), bool(k.get("kv_split", False)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 
 
 def schedule(head_dim: int, dtype: str, causal: bool, **knobs) -> tvm.tirx.PrimFunc:
     knobs = merge_knobs(head_dim, dtype, causal, knobs)
-    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma", "tma_store"):  # (persistent: a CTA count)
+    for name in ("defer_pv_wait", "overlap", "ws", "pingpong", "tma", "tma_store", "kv_split"):  # (persistent: a CTA count)
         if knobs.get(name) is not None:
             knobs[name] = bool(knobs[name])
     return forward_wgmma(head_dim, dtype, causal, **knobs)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tvm_flash.build import Workload
-from tvm_flash.ops import _SHORT_SEQ, _kernel
+from tvm_flash.ops import _kernel, _seq_class
 from tvm_flash.reference import attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -36,7 +36,7 @@ def run_poisoned(q, k, v, causal, scale=None):
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
     kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[-1], DTYPE_NAMES[q.dtype], causal),
-                     k.shape[2] <= _SHORT_SEQ)  # the kernel attention() would pick for this length
+                     _seq_class(k.shape[2]))  # the kernel attention() would pick for this length
     kernel(q, k, v, out, lse, float(scale))
     if q.is_cuda:
         torch.cuda.synchronize()

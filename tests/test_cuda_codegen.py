@@ -273,20 +273,29 @@ def test_wgmma_kernel_compiles_for_sm90a(tmp_path, d, dtype, causal):
     assert "cp.async.bulk.tensor" in src and knobs["tma"]  # every default loads by TMA
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_wgmma_short_sequence_kernel_compiles(tmp_path, causal):
-    """The kernel ops picks for key lengths <= 2048 at head dim 64 (``short_knobs``: 64-key
-    tiles) assembles without spill or serialized wgmma; other head dims have none."""
+@pytest.mark.parametrize("d,causal", [(64, False), (64, True), (128, False)])
+def test_wgmma_short_sequence_kernel_compiles(tmp_path, d, causal):
+    """The kernels ops picks for short key lengths (``short_knobs``: hd64 64-key tiles up to 2048
+    keys; hd128 non-causal persistent CTAs with split K/V rings up to 1024) assemble without
+    spill or serialized wgmma; other cases have none."""
     import tvm
 
     from tvm_flash.build import Workload, make_target, schedule_module, scheduled_func
 
     target = make_target("cuda", "sm_90a")
-    wl = Workload(64, "bfloat16", causal)
+    wl = Workload(d, "bfloat16", causal)
     sched = schedule_module(target, wl)
-    knobs = sched.short_knobs(64, "bfloat16", causal)
-    assert knobs["block_n"] == 64 and knobs != sched.default_knobs(64, "bfloat16", causal)
-    assert sched.short_knobs(128, "bfloat16", causal) is None
+    knobs = sched.short_knobs(d, "bfloat16", causal, max_seq_k=1024, sms=132)
+    assert knobs != sched.default_knobs(d, "bfloat16", causal)
+    if d == 64:
+        assert knobs["block_n"] == 64 and sched.short_knobs(d, "bfloat16", causal, max_seq_k=2048, sms=132) == knobs
+    else:  # persistent over the card's SMs, up to 1024 keys only; none with causal masking or without an SM count
+        assert knobs["persistent"] == 132 and knobs["kv_split"] and knobs["tma_store"]
+        assert sched.short_knobs(d, "bfloat16", causal, max_seq_k=2048, sms=132) is None
+        assert sched.short_knobs(d, "bfloat16", causal, max_seq_k=1024) is None
+        assert sched.short_knobs(d, "bfloat16", True, max_seq_k=1024, sms=132) is None
+    for other in (192, 256):
+        assert sched.short_knobs(other, "bfloat16", causal, max_seq_k=1024, sms=132) is None
     src = tvm.compile(tvm.IRModule({"flash_fwd": scheduled_func(wl, target, knobs)}), target=target).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 1)
 
@@ -328,6 +337,12 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (64, False, {"block_n": 64, "defer_pv_wait": 0, "tma_store": 1}),  # one all-threads warpgroup
     (256, False, {"tma_store": 1}),  # 4 panels
     (128, False, {"persistent": 132, "tma_store": 1, "block_n": 96}),  # persistent: O staged beside the ring
+    # K and V with barriers of their own (kv_split)
+    (128, False, {"kv_split": 1}),  # the defaults' ring, 3 slots
+    (128, True, {"kv_split": 1, "num_stages": 2}),  # 2 slots
+    (128, False, {"kv_split": 1, "num_stages": 2, "persistent": 132, "tma_store": 1}),  # persistent, 128-key tiles
+    (128, False, {"kv_split": 1, "block_n": 176, "num_stages": 2}),  # FA3's hd128 tile
+    (256, True, {"kv_split": 1}),  # 4 panels
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -348,11 +363,14 @@ def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
                             bool(knobs.get("tma")))
     if knobs.get("tma"):  # tensor maps as kernel parameters, one TMA copy per 64-column panel of Q, K, V (O)
         assert src.count("const __grid_constant__ CUtensorMap") == 2 * (4 if knobs.get("tma_store") else 3)
-        assert src.count("&(tm_q)") == d // 64 and src.count("&(tm_k)") == src.count("&(tm_v)")
+        assert src.count("&(tm_q)") == d // 64
+        assert src.count("&(tm_k)") == src.count("&(tm_v)") * (2 if knobs.get("kv_split") else 1)
         if knobs.get("tma_store"):  # one store per panel, read from shared memory before the CTA may exit
             assert src.count("&(tm_o)") == d // 64 and "cp.async.bulk.wait_group.read 0" in src
             assert "o32_ptr[" not in src  # no global store of O from the threads
-        if knobs["ws"]:  # the loader's one loop; without ws the prologue's copies and the refill's
+        if knobs.get("kv_split"):  # K's first tile issued before the loop (with Q, or before Q)
+            assert src.count("&(tm_k)") == 2 * src.count("&(tm_v)") == 2 * (d // 64)
+        elif knobs["ws"]:  # the loader's one loop; without ws the prologue's copies and the refill's
             assert src.count("&(tm_k)") == d // 64
         else:
             assert src.count("&(tm_k)") % (d // 64) == 0 and "cp_async_arrive" not in src

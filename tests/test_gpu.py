@@ -87,6 +87,16 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (128, {"overlap": 0, "pingpong": 0, "block_n": 96, "num_stages": 2, "persistent": 5, "tma_store": 1}),
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2,
           "tma_store": 1}),
+    # K and V with barriers of their own (kv_split; not yet run on a GPU)
+    (128, {"kv_split": 1}),  # the defaults' 3 slots
+    (128, {"kv_split": 1, "num_stages": 2}),  # 2 slots (fewer key tiles than slots, too)
+    (128, {"kv_split": 1, "num_stages": 2, "pingpong": 0}),  # the two warpgroups drift
+    (128, {"kv_split": 1, "block_n": 176, "num_stages": 2}),  # FA3's hd128 tile
+    (128, {"kv_split": 1, "num_stages": 2, "persistent": 3, "tma_store": 1}),  # persistent, O tile beside the ring
+    (128, {"kv_split": 1, "num_stages": 2, "persistent": 5}),  # persistent, direct stores
+    (256, {"kv_split": 1}),  # 4 panels
+    (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2,
+          "kv_split": 1}),
 ]
 
 

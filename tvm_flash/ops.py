@@ -113,17 +113,22 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
-# key lengths up to this run the schedule's kernel for short sequences where it has one
-# (``short_knobs``: schedules/cuda_wgmma.py at head dim 64)
-_SHORT_SEQ = 2048
+# key-length classes with a kernel of their own where the schedule has one (``short_knobs``:
+# schedules/cuda_wgmma.py, head dim 64 up to 2048 keys, 128 non-causal up to 1024)
+_SHORT_SEQS = (1024, 2048)
+
+
+def _seq_class(seq_k: int) -> int:
+    """The smallest of ``_SHORT_SEQS`` that holds ``seq_k`` keys, else 0 (any length)."""
+    return 1024 if seq_k <= 1024 else 2048 if seq_k <= 2048 else 0
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_type: str, device_index, workload: Workload, short: bool = False):
+def _kernel(device_type: str, device_index, workload: Workload, short: int = 0):
     """The kernel for a workload on a device (looked up once per process): an exported
     kernel loaded by ``tvm_flash.load`` when there is one, else a cached or fresh build.
-    ``short`` (key length <= ``_SHORT_SEQ``): the schedule's ``short_knobs`` when it has them
-    (the Hopper kernel at head dim 64), else the same kernel as for any length."""
+    ``short`` (a key-length class of ``_SHORT_SEQS``, or 0): the schedule's ``short_knobs``
+    for key lengths up to it when it has them, else the same kernel as for any length."""
     arch = _cuda_arch(device_index) if device_type == "cuda" else ""
     kernel = runtime.exported_kernel(device_type, arch, workload)
     if kernel is not None:
@@ -139,7 +144,9 @@ def _kernel(device_type: str, device_index, workload: Workload, short: bool = Fa
     target = make_target("llvm", "host") if device_type == "cpu" else make_target("cuda", arch)
     if short:
         sched = schedule_module(target, workload)
-        knobs = getattr(sched, "short_knobs", lambda *_: None)(workload.head_dim, workload.dtype, workload.causal)
+        sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_type == "cuda" else None
+        knobs = getattr(sched, "short_knobs", lambda *_, **__: None)(workload.head_dim, workload.dtype, workload.causal,
+                                                                     max_seq_k=short, sms=sms)
         if knobs is not None:
             return get_kernel(workload, target, knobs)
         return _kernel(device_type, device_index, workload)
@@ -152,7 +159,7 @@ def _forward(q, k, v, causal: bool, scale: float):
     out = torch.empty_like(q)  # q is contiguous here: so is out
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     dtype = str(q.dtype).removeprefix("torch.")
-    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), k.shape[2] <= _SHORT_SEQ)
+    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), _seq_class(k.shape[2]))
     with _on_device(q.device):
         kernel(q, k, v, out, lse, float(scale))
     return out, lse
