@@ -31,8 +31,11 @@ This kernel is ``cuda_tc``'s algorithm moved onto ``wgmma``:
     encoded on the host, copies completing on the full barrier by bytes) or its 128 threads
     issuing ``cp.async`` (``tma=0``; ``cp.async.mbarrier.arrive.noinc``).  When the consumers need
     more registers than the launch gives, ``setmaxnreg`` moves them from the loader;
-  - ``persistent=P`` (with TMA; off by default, slower so far: perf-notes v10): P CTAs walk the
-    query tiles, the loader's ring running on across tiles;
+  - ``kv_split=1`` (FA3's separate K and V pipelines): K and V of a slot have barriers of their
+    own, K is released after S and runs a tile ahead of V, so 2 slots feed two warpgroups;
+  - ``persistent=P`` (with TMA): P CTAs walk the query tiles, the loader's ring running on
+    across tiles; with ``kv_split``, 2 slots and TMA stores the kernel for hd128 non-causal
+    key lengths up to 1024 (``short_knobs``, perf-notes v16), slower elsewhere (v10, v15);
 * loop order: plain (S_j, wait, softmax_j, P V_j) or, with ``overlap=1``, FA3's intra-warpgroup
   order (issue S_{j+1}, rescale O, issue P V_j, wait S_{j+1}, softmax_{j+1} while P V_j runs);
   with ``pingpong=1`` (and ``ws``) also FA3's inter-warpgroup order: the consumer warpgroups take

@@ -36,7 +36,7 @@ def run_poisoned(q, k, v, causal, scale=None):
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
     kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[-1], DTYPE_NAMES[q.dtype], causal),
-                     _seq_class(k.shape[2]))  # the kernel attention() would pick for this length
+                     _seq_class(q, k))  # the kernel attention() would pick for this length
     kernel(q, k, v, out, lse, float(scale))
     if q.is_cuda:
         torch.cuda.synchronize()

@@ -113,3 +113,20 @@ def test_backward_asks_for_kernels_without_atomics_under_deterministic_algorithm
     # where dq_accum's padded buffer would outgrow 32-bit indexing (q itself fits), no atomics either
     assert ops._dq_acc_fits(4, 16, 4096, 128) and not ops._dq_acc_fits(65, 63, 4097, 128)
     assert 65 * 63 * 4097 * 128 <= 2**31 - 1
+
+
+def test_key_length_classes(monkeypatch):
+    """ops picks a kernel per key-length class: 1024, 2048 or 0 (any length); on a GPU class 1024
+    (at hd128 the persistent short kernel) also needs more 128-row query tiles than SMs."""
+    from types import SimpleNamespace as NS
+
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+
+    def t(b, h, s, cuda=True):
+        return NS(shape=(b, h, s, 128), is_cuda=cuda, device=NS(index=0))
+
+    q = t(4, 16, 512)  # 256 query tiles
+    assert [ops._seq_class(q, t(4, 16, s)) for s in (1, 1024, 1025, 2048, 2049)] == [1024, 1024, 2048, 2048, 0]
+    assert ops._seq_class(t(1, 16, 1024), t(1, 16, 1024)) == 2048  # 128 tiles on 132 SMs
+    assert ops._seq_class(t(1, 16, 1025), t(1, 16, 1024)) == 1024  # 144 tiles
+    assert ops._seq_class(t(1, 1, 64, cuda=False), t(1, 1, 64, cuda=False)) == 1024

@@ -130,6 +130,20 @@ def test_wgmma_variants(d, knobs, causal):
         assert (lse.double().cpu() - ref_lse).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_short_kernel_with_many_query_tiles(dtype):
+    """hd128 without causal masking, <= 1024 keys and more query tiles than SMs: attention()
+    takes the key-length class of the persistent short kernel (tails in Sq and Sk, GQA), which
+    is exact; with few query tiles the class of the defaults."""
+    from tvm_flash.ops import _seq_class
+
+    q, k, v = rand_qkv(1, 40, 8, 1000, 777, 128, dtype, "cuda", seed=21)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    assert _seq_class(q, k) == (1024 if 40 * 8 > sms else 2048)
+    assert _seq_class(q[:, :2], k) == 2048
+    assert_accurate(q, k, v, causal=False)
+
+
 def test_runs_on_current_stream():
     q, k, v = rand_qkv(4, 8, 8, 1024, 1024, 64, torch.float16, "cuda", seed=12)
     expected = tvm_flash.attention(q, k, v)

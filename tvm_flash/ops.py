@@ -118,9 +118,22 @@ def _on_device(device: torch.device):
 _SHORT_SEQS = (1024, 2048)
 
 
-def _seq_class(seq_k: int) -> int:
-    """The smallest of ``_SHORT_SEQS`` that holds ``seq_k`` keys, else 0 (any length)."""
-    return 1024 if seq_k <= 1024 else 2048 if seq_k <= 2048 else 0
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _seq_class(q, k) -> int:
+    """A call's key-length class: the smallest of ``_SHORT_SEQS`` that holds its keys, else 0
+    (any length).  On a GPU class 1024 also needs more 128-row query tiles than the GPU has SMs,
+    else it is 2048: that class's kernel (hd128) is persistent, and with at most one tile per SM
+    it has nothing to overlap and ran 4-6% slower than the defaults (perf-notes v16)."""
+    seq_k = k.shape[2]
+    if seq_k > 2048:
+        return 0
+    if seq_k <= 1024 and (not q.is_cuda or q.shape[0] * q.shape[1] * ((q.shape[2] + 127) // 128) > _sm_count(q.device.index)):
+        return 1024
+    return 2048
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +157,7 @@ def _kernel(device_type: str, device_index, workload: Workload, short: int = 0):
     target = make_target("llvm", "host") if device_type == "cpu" else make_target("cuda", arch)
     if short:
         sched = schedule_module(target, workload)
-        sms = torch.cuda.get_device_properties(device_index).multi_processor_count if device_type == "cuda" else None
+        sms = _sm_count(device_index) if device_type == "cuda" else None
         knobs = getattr(sched, "short_knobs", lambda *_, **__: None)(workload.head_dim, workload.dtype, workload.causal,
                                                                      max_seq_k=short, sms=sms)
         if knobs is not None:
@@ -159,7 +172,7 @@ def _forward(q, k, v, causal: bool, scale: float):
     out = torch.empty_like(q)  # q is contiguous here: so is out
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     dtype = str(q.dtype).removeprefix("torch.")
-    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), _seq_class(k.shape[2]))
+    kernel = _kernel(q.device.type, q.device.index, Workload(q.shape[3], dtype, bool(causal)), _seq_class(q, k))
     with _on_device(q.device):
         kernel(q, k, v, out, lse, float(scale))
     return out, lse
