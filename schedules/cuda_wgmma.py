@@ -939,10 +939,12 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     128-key tiles, 2 slots: seq 4096 / 16k 466 / 458 TFLOP/s non-causal, 415 / 447 causal (vs 413
     / 380 at 4096 for v5's two all-threads-loading warpgroups; 64-key tiles 446 / 447 and 410 /
     431).  hd128 warp specialized with FA3's intra- and inter-warpgroup (ping-pong) order,
-    128-key tiles, 3 slots, TMA loader: 392-625 / 247-614 over seq 512-16k; at seq 4096 hd192
-    600 (ping-pong) / 471-479, hd256 562 / 491 (warp specialized, FA3 order).  Every head dim:
+    128-key tiles, 3 slots, TMA loader: 392-625 / 247-614 over seq 512-16k.  Every head dim:
     the epilogue by TMA stores (v14: hd128 seq 512 / 2048 392 -> 434 / 546 -> 597, causal seq
-    512 / 4096 248 -> 282 / 518 -> 552; hd64 short kernel +3-4%; hd256 seq 1024 +7%)."""
+    512 / 4096 248 -> 282 / 518 -> 552; hd64 short kernel +3-4%; hd256 seq 1024 +7%).  hd192 and
+    hd256: K and V in separate 2-slot rings (v16), whose room takes 96- / 80-key tiles: seq 4096
+    hd192 650 / 554 (non-causal with ping-pong / causal; 3 shared slots of 64 keys: 602 / 533),
+    hd256 631 / 566 (48 keys: 578 / 508)."""
     if head_dim <= 64:
         return {"num_wg": 1, "block_n": 128, "num_stages": 2, "defer_pv_wait": int(not causal), "ws": 0, "overlap": 0,
                 "tma": 1, "tma_store": 1}
@@ -950,8 +952,13 @@ def default_knobs(head_dim: int, dtype: str, causal: bool = False) -> dict:
     if head_dim <= 128:
         return {**ws, "block_n": 128, "num_stages": 3, "pingpong": 1}
     if head_dim <= 192:
-        return {**ws, "block_n": 64, "num_stages": 3, "pingpong": int(not causal)}
-    return {**ws, "block_n": 48, "num_stages": 3}
+        return {**ws, "block_n": 96, "num_stages": 2, "kv_split": 1, "pingpong": int(not causal)}
+    return {**ws, "block_n": 80, "num_stages": 2, "kv_split": 1}
+
+
+# hd192 / hd256 ring shape (block_n, num_stages) of the defaults before v16 (one shared K/V ring),
+# for records that turn off what the split rings need
+_SHARED_RING = {192: (64, 3), 256: (48, 3)}
 
 
 def short_knobs(head_dim: int, dtype: str, causal: bool, max_seq_k: int = 2048, sms: int | None = None) -> dict | None:
@@ -983,7 +990,9 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
     TMA form, v13, is exact but slower than the defaults; such records keep the cp.async loop
     they were timed with), a default ``tma_store`` where they turn ``tma`` off or ask for
     ``persistent`` CTAs (there O needs a tile of its own, which the default ring leaves no room
-    for)."""
+    for), a default ``kv_split`` (hd192/256) where they leave no loader warpgroup with TMA in the
+    FA3 order, or give a ring shape of their own (``block_n`` / ``num_stages``: timed with the
+    shared ring)."""
     k = {**default_knobs(head_dim, dtype, causal), **knobs}
     if "pingpong" not in knobs and not (k.get("ws") and k.get("overlap") and k["num_wg"] >= 2):
         k["pingpong"] = 0
@@ -991,6 +1000,10 @@ def merge_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> dict:
         k["tma"] = 0
     if "tma_store" not in knobs and (not k.get("tma") or k.get("persistent")):
         k["tma_store"] = 0
+    if "kv_split" not in knobs and k.get("kv_split") and (
+            not (k.get("ws") and k.get("tma") and k.get("overlap")) or "block_n" in knobs or "num_stages" in knobs):
+        k["kv_split"] = 0  # ... and the ring's shape the defaults had before (v16) where not given
+        k.update({n: v for n, v in zip(("block_n", "num_stages"), _SHARED_RING[head_dim]) if n not in knobs})
     return k
 
 

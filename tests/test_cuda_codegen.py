@@ -432,6 +432,15 @@ def test_wgmma_records_without_pingpong_still_build():
     assert effective_knobs(wl, target, old)["tma_store"] == 0
     assert effective_knobs(wl, target, {**old, "ws": 1})["tma_store"] == 1
     assert effective_knobs(wl, target, {"persistent": 132})["tma_store"] == 0
+    # hd256's default split K/V ring (v16) only where a record leaves the loader warpgroup, TMA,
+    # the FA3 order and the ring's shape to the defaults
+    wl256 = Workload(256, "bfloat16", False)
+    assert effective_knobs(wl256, target, None)["kv_split"] == 1
+    assert effective_knobs(wl256, target, {"pingpong": 1})["kv_split"] == 1
+    for record in ({"block_n": 48, "num_stages": 3}, {"num_stages": 2}, {"tma": 0}, {"overlap": 0}, {"ws": 0, "overlap": 0}):
+        assert effective_knobs(wl256, target, record)["kv_split"] == 0
+        scheduled_func(wl256, target, record)  # builds (kv_split without ws + tma + overlap is refused)
+    assert effective_knobs(wl256, target, {"block_n": 64, "kv_split": 1})["kv_split"] == 1
 
 
 def test_wgmma_knob_rules():

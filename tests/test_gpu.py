@@ -82,12 +82,12 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (192, {"tma_store": 1}),  # 3 panels
     (256, {"tma_store": 1}),  # 4 panels
     (128, {"ws": 0, "overlap": 0, "num_wg": 2, "block_n": 64, "num_stages": 2, "tma": 1, "tma_store": 1}),
-    # persistent CTAs with TMA stores from an O tile of their own (v15, not yet run on a GPU)
+    # persistent CTAs with TMA stores from an O tile of their own (v15)
     (128, {"persistent": 3, "tma_store": 1, "block_n": 96}),
     (128, {"overlap": 0, "pingpong": 0, "block_n": 96, "num_stages": 2, "persistent": 5, "tma_store": 1}),
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2,
           "tma_store": 1}),
-    # K and V with barriers of their own (kv_split; not yet run on a GPU)
+    # K and V with barriers of their own (kv_split, v16; with 2 slots, persistent and TMA stores: the hd128 short kernel)
     (128, {"kv_split": 1}),  # the defaults' 3 slots
     (128, {"kv_split": 1, "num_stages": 2}),  # 2 slots (fewer key tiles than slots, too)
     (128, {"kv_split": 1, "num_stages": 2, "pingpong": 0}),  # the two warpgroups drift
