@@ -925,6 +925,7 @@ KNOB_SPACE = {
     "overlap": [0, 1],
     "pingpong": [0, 1],
     "tma": [0, 1],
+    "kv_split": [0, 1],  # needs ws, tma and overlap: the tuner skips the sets check_knobs refuses
 }
 
 
