@@ -132,7 +132,7 @@ def _acc_regs(head_dim, block_n):
 
 
 def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False, pingpong=False, tma=False,
-           persistent=0, tma_store=False, kv_split=False):
+           persistent=0, tma_store=False, kv_split=False, tile_order=0):
     if dtype not in PTX_TYPE:
         raise ValueError(f"dtype must be float16 or bfloat16, got {dtype!r}")
     if head_dim % 64 != 0 or not 64 <= head_dim <= 256:
@@ -147,6 +147,8 @@ def _check(head_dim, dtype, num_wg, block_n, num_stages, overlap=False, ws=False
         raise ValueError("pingpong needs ws=1, overlap=1 and num_wg >= 2")
     if persistent and not (tma and ws):
         raise ValueError("persistent needs tma=1 and ws=1 (the loader warpgroup runs ahead across query tiles)")
+    if tile_order not in (0, 1) or (tile_order and not persistent):
+        raise ValueError(f"tile_order must be 0 or 1 (1 only with persistent), got {tile_order}")
     if persistent < 0:
         raise ValueError(f"persistent must be 0 (off) or the number of CTAs, got {persistent}")
     if tma_store and not tma:
@@ -185,6 +187,7 @@ def forward_wgmma(
     persistent: int = 0,
     tma_store: bool = False,
     kv_split: bool = False,
+    tile_order: int = 0,
     ablate: str = "",
 ) -> tvm.tirx.PrimFunc:
     """Build the wgmma forward PrimFunc ``flash_fwd`` (see the module docstring).
@@ -241,6 +244,10 @@ def forward_wgmma(
     ping-ponging warpgroups, which the shared slot could not (v12); the room left holds the
     persistent kernel's O tile beside 128-key tiles, or FA3's 176-key tile.
 
+    ``tile_order`` (with ``persistent``): the order of the tiles the CTAs walk: 0, query tile
+    fastest (as the one-CTA-per-tile launch); 1, query tile slowest (each round of the CTAs
+    takes one query tile of many heads: balanced work with causal masking, perf-notes v16).
+
     ``ablate`` (timing experiments only, ``benchmarks/ablate.py``; the results are wrong): leave
     a stage of the loop out: e (exp2), p (P V wgmma), q (Q K^T wgmma); in the all-threads loop
     without ``overlap`` also s (its __syncthreads) and l (its refill loads); o: the epilogue's
@@ -251,7 +258,8 @@ def forward_wgmma(
         defer_pv_wait = not causal
     if overlap and not ws and num_stages < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
-    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent, tma_store, kv_split)
+    _check(head_dim, dtype, num_wg, block_n, num_stages, overlap, ws, pingpong, tma, persistent, tma_store, kv_split,
+           tile_order)
     PERSIST, KVS = bool(persistent), bool(kv_split)
     D, BN, NS, NWG = head_dim, block_n, num_stages, num_wg
     # timing experiments only (the results are wrong): leave one stage of the loop out
@@ -826,9 +834,20 @@ def forward_wgmma(
             consumer(0, 0)
 
     @body_macro
+    def tile_of(tid, job):
+        # persistent: tile id -> (query tile, head, batch): query tile fastest, as the
+        # one-CTA-per-tile launch orders them, or (tile_order 1) slowest, so that the P tiles a
+        # round of the CTAs takes are the same query tile of P heads: with causal masking
+        # (query tiles walked from the last, the heaviest, down) equal work, where query tile
+        # fastest gives CTA c always tile c % m_tiles when P is a multiple of m_tiles
+        if bool(tile_order):
+            tile(tid // (Hq * B), tid % Hq, (tid // Hq) % B, job)
+        else:
+            tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), job)
+
+    @body_macro
     def persistent_cta():
-        # persistent: CTA bx walks the query tiles bx, bx + P, ... (P = n_cta CTAs; tile id =
-        # query tile fastest, then head, then batch, as the one-CTA-per-tile launch orders them)
+        # persistent: CTA bx walks the tiles bx, bx + P, ... (P = n_cta CTAs; tile_of)
         init_barriers()
         kvb[0] = 0
         if wg == NWG:
@@ -837,13 +856,13 @@ def forward_wgmma(
             if tx == NWG * 128:
                 for it in T.serial((n_tiles - bx + n_cta - 1) // n_cta):
                     tid = bx + it * n_cta
-                    tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "load")
+                    tile_of(tid, "load")
         else:
             if REG_SPLIT:
                 _setmaxnreg("inc", R_CONSUMER)
             for it in T.serial((n_tiles - bx + n_cta - 1) // n_cta):
                 tid = bx + it * n_cta
-                tile(tid % m_tiles, (tid // m_tiles) % Hq, tid // (m_tiles * Hq), "compute")
+                tile_of(tid, "compute")
             if O_STAGE and tx % 128 == 0:  # the last tile's TMA stores have read shared memory
                 asm_call("bulk_wait_read")
 
@@ -1012,7 +1031,8 @@ def check_knobs(head_dim: int, dtype: str, causal: bool, knobs: dict) -> None:
     k = merge_knobs(head_dim, dtype, causal, knobs)
     _check(head_dim, dtype, k["num_wg"], k["block_n"], k["num_stages"], bool(k.get("overlap", False)),
            bool(k.get("ws", False)), bool(k.get("pingpong", False)), bool(k.get("tma", False)),
-           int(k.get("persistent", 0)), bool(k.get("tma_store", False)), bool(k.get("kv_split", False)))
+           int(k.get("persistent", 0)), bool(k.get("tma_store", False)), bool(k.get("kv_split", False)),
+           int(k.get("tile_order", 0)))
     if k.get("overlap") and not k.get("ws") and k["num_stages"] < 3:
         raise ValueError("overlap needs num_stages >= 3 (or ws)")
 

@@ -343,6 +343,8 @@ def test_wgmma_knobs_that_would_spill_are_rejected():
     (128, False, {"kv_split": 1, "num_stages": 2, "persistent": 132, "tma_store": 1}),  # persistent, 128-key tiles
     (128, False, {"kv_split": 1, "block_n": 176, "num_stages": 2}),  # FA3's hd128 tile
     (256, True, {"kv_split": 1}),  # 4 panels
+    # persistent CTAs walking the tiles query tile slowest (tile_order)
+    (128, True, {"kv_split": 1, "num_stages": 2, "persistent": 132, "tma_store": 1, "tile_order": 1}),
 ])
 def test_wgmma_variants_assemble(tmp_path, d, causal, knobs):
     """The loop variants off the defaults (FA3 order without a loader warpgroup; the loader
@@ -466,6 +468,9 @@ def test_wgmma_knob_rules():
         sched.check_knobs(128, "bfloat16", False, {"tma": 0, "persistent": 132})
     with pytest.raises(ValueError, match="persistent needs tma=1 and ws=1"):  # no loader warpgroup: would hang
         sched.check_knobs(64, "bfloat16", False, {"tma": 1, "persistent": 132})
+    with pytest.raises(ValueError, match="tile_order must be 0 or 1"):  # an order of the persistent CTAs' tiles
+        sched.check_knobs(128, "bfloat16", True, {"tile_order": 1})
+    sched.check_knobs(128, "bfloat16", True, {"persistent": 132, "tile_order": 1})
     with pytest.raises(ValueError, match="persistent must be 0"):
         sched.check_knobs(128, "bfloat16", False, {"persistent": -1})
     with pytest.raises(ValueError, match="tma_store needs"):

@@ -97,6 +97,9 @@ WGMMA_VARIANTS = [  # (head dim, knobs): loop variants a tuning log may pick, be
     (256, {"kv_split": 1}),  # 4 panels
     (64, {"ws": 1, "overlap": 1, "pingpong": 1, "num_wg": 2, "block_n": 96, "num_stages": 2, "tma": 1, "persistent": 2,
           "kv_split": 1}),
+    # persistent CTAs walking the tiles query tile slowest (tile_order; not yet run on a GPU)
+    (128, {"kv_split": 1, "num_stages": 2, "persistent": 3, "tma_store": 1, "tile_order": 1}),
+    (128, {"persistent": 5, "tile_order": 1}),
 ]
 
 
