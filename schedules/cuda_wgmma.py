@@ -291,11 +291,11 @@ def forward_wgmma(
     # in an O tile of its own after the ring
     O_STAGE = tma_store and PERSIST
     EPI_OFF = V_OFF + NS * NP * KV_PANEL if O_STAGE else 0
-    # ws or tma: mbarriers full[NS], empty[NS] (8 bytes = 4 elements each); kv_split: those are
-    # K's, then V's full[NS], empty[NS]
+    # ws or tma: mbarriers full[NS] (KF_OFF = BAR_OFF), empty[NS] (KE_OFF), 8 bytes = 4 elements
+    # each; kv_split: those are K's, then V's full[NS] (VF_OFF), empty[NS] (VE_OFF)
     BAR_OFF = V_OFF + NS * NP * KV_PANEL + (NP * Q_PANEL if O_STAGE else 0)
     NBAR = (4 if KVS else 2) * NS
-    VF_OFF, VE_OFF = BAR_OFF + 8 * NS, BAR_OFF + 12 * NS  # kv_split: V's full / empty barriers
+    KF_OFF, KE_OFF, VF_OFF, VE_OFF = BAR_OFF, BAR_OFF + 4 * NS, BAR_OFF + 8 * NS, BAR_OFF + 12 * NS
     QF_BAR, QE_BAR = BAR_OFF + 4 * NBAR, BAR_OFF + 4 * NBAR + 4  # persistent: Q tile full / empty
     SMEM = BAR_OFF + (4 * NBAR if ws or tma else 0) + (8 if PERSIST else 0)
     Q_IT = BM * (D // 8) // LT  # 16-byte copies per thread
@@ -353,26 +353,25 @@ def forward_wgmma(
     encode = tensormap_macro(D, dtype)
 
     @body_macro
+    def expect_slot(f_off, g, nbytes):
+        # tma: ring slot g % NS's full barrier (of the array at f_off) expects nbytes more
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[f_off + 4 * (g % NS)])), nbytes)
+
+    @body_macro
+    def tma_slot(tm, tile_off, f_off, t, g):
+        # tma: key tile t of tensor map tm into ring slot g % NS (g: ring position) of the tiles
+        # at tile_off, completing on the slot's full barrier of the array at f_off
+        tma_tile(tm, tile_off + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, f_off + 4 * (g % NS))
+
+    @body_macro
     def tma_kv(t, g, expect):
-        # tma: key tile t's K and V into ring slot g % NS (g: ring position), completing on the
-        # slot's full barrier; ``expect``: this call announces the slot's bytes (else an earlier
-        # expect_tx covered them: tile 0 with Q)
+        # tma: key tile t's K and V into ring slot g % NS, on the slot's one full barrier;
+        # ``expect``: this call announces the slot's bytes (else an earlier expect_tx covered
+        # them: tile 0 with Q)
         if expect:
-            expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (g % NS)])), 2 * KV_TILE_BYTES)
-        tma_tile(tm_k, K_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
-        tma_tile(tm_v, V_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
-
-    @body_macro
-    def tma_k(t, g):
-        # kv_split: key tile t's K into ring slot g % NS, on K's full barrier of the slot
-        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF + 4 * (g % NS)])), KV_TILE_BYTES)
-        tma_tile(tm_k, K_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, BAR_OFF + 4 * (g % NS))
-
-    @body_macro
-    def tma_v(t, g):
-        # kv_split: key tile t's V into ring slot g % NS, on V's full barrier of the slot
-        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[VF_OFF + 4 * (g % NS)])), KV_TILE_BYTES)
-        tma_tile(tm_v, V_OFF + (g % NS) * NP * KV_PANEL, KV_PANEL, t * BN, hk, VF_OFF + 4 * (g % NS))
+            expect_slot(KF_OFF, g, 2 * KV_TILE_BYTES)
+        tma_slot(tm_k, K_OFF, KF_OFF, t, g)
+        tma_slot(tm_v, V_OFF, KF_OFF, t, g)
 
     @body_macro
     def wait_empty(e_off, g):
@@ -387,20 +386,22 @@ def forward_wgmma(
         # then V_t: the order the consumers use them in); tile 0's K was issued before
         for t in T.serial(n_blk):
             if t + 1 < n_blk:
-                wait_empty(BAR_OFF + 4 * NS, kb + t + 1)
-                tma_k(t + 1, kb + t + 1)
+                wait_empty(KE_OFF, kb + t + 1)
+                expect_slot(KF_OFF, kb + t + 1, KV_TILE_BYTES)
+                tma_slot(tm_k, K_OFF, KF_OFF, t + 1, kb + t + 1)
             wait_empty(VE_OFF, kb + t)
-            tma_v(t, kb + t)
+            expect_slot(VF_OFF, kb + t, KV_TILE_BYTES)
+            tma_slot(tm_v, V_OFF, VF_OFF, t, kb + t)
 
     @body_macro
     def tma_q():
         # tma: the Q tile, on slot 0's full barrier, whose expected bytes include key tile 0's
         # (kv_split: K's only)
-        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[BAR_OFF])),
+        expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[KF_OFF])),
                   Q_TILE_BYTES + (1 if KVS else 2) * KV_TILE_BYTES)
-        tma_tile(tm_q, 0, Q_PANEL, m0, hq, BAR_OFF)
+        tma_tile(tm_q, 0, Q_PANEL, m0, hq, KF_OFF)
         if KVS:
-            tma_tile(tm_k, K_OFF, KV_PANEL, 0, hk, BAR_OFF)
+            tma_slot(tm_k, K_OFF, KF_OFF, 0, 0)
 
     @body_macro
     def producer_tma():
@@ -411,8 +412,7 @@ def forward_wgmma(
         elif tx == NWG * 128:
             tma_q()
             for t in T.serial(n_blk):
-                if t >= NS:
-                    _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + t % NS)]), (t // NS - 1) % 2)
+                wait_empty(KE_OFF, t)
                 tma_kv(t, t, t > 0)
 
     @body_macro
@@ -421,8 +421,9 @@ def forward_wgmma(
         # tile t is kb + t (kb: key tiles this CTA loaded before); Q waits for the consumers to
         # release the previous tile's Q
         if KVS:  # the tile's first K before its Q, which waits for the previous tile's release
-            wait_empty(BAR_OFF + 4 * NS, kb)
-            tma_k(0, kb)
+            wait_empty(KE_OFF, kb)
+            expect_slot(KF_OFF, kb, KV_TILE_BYTES)
+            tma_slot(tm_k, K_OFF, KF_OFF, 0, kb)
         if it > 0:
             _mbar("mbar_wait", T.address_of(smem[QE_BAR]), (it - 1) % 2)
         expect_tx(T.cuda.cvta_generic_to_shared(T.address_of(smem[QF_BAR])), Q_TILE_BYTES)
@@ -431,7 +432,7 @@ def forward_wgmma(
             split_kv_loads(kb)
         else:
             for t in T.serial(n_blk):
-                wait_empty(BAR_OFF + 4 * NS, kb + t)
+                wait_empty(KE_OFF, kb + t)
                 tma_kv(t, kb + t, True)
 
     @body_macro
@@ -443,30 +444,18 @@ def forward_wgmma(
             _setmaxnreg("dec", R_LOADER)
         load_q(tx - NWG * 128)
         for t in T.serial(n_blk):
-            if t >= NS:
-                _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (NS + t % NS)]), (t // NS - 1) % 2)
+            wait_empty(KE_OFF, t)
             load_kv(smem, k, v, bz, hk, Sk, t, t % NS, tx - NWG * 128)
-            _mbar("cp_async_arrive", T.address_of(smem[BAR_OFF + 4 * (t % NS)]))
+            _mbar("cp_async_arrive", T.address_of(smem[KF_OFF + 4 * (t % NS)]))
         commit()  # the loader's copies were never committed to a group: commit, then wait for
         wait_group(0)  # them all before its threads exit (cp.async.wait_all)
 
     @body_macro
-    def wait_full(jt):
-        # ws or tma: tile jt landed (the loader's copies), then visible to the async proxy
-        _mbar("mbar_wait", T.address_of(smem[BAR_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
+    def wait_full(f_off, jt):
+        # ws or tma: tile jt landed (the loader's copies; the full barriers at f_off: KF_OFF,
+        # or kv_split's V ones at VF_OFF), then visible to the async proxy
+        _mbar("mbar_wait", T.address_of(smem[f_off + 4 * (jt % NS)]), (jt // NS) % 2)
         fence_proxy()
-
-    @body_macro
-    def wait_full_v(jt):
-        # kv_split: V of tile jt landed
-        _mbar("mbar_wait", T.address_of(smem[VF_OFF + 4 * (jt % NS)]), (jt // NS) % 2)
-        fence_proxy()
-
-    @body_macro
-    def release_v(jt):
-        # kv_split: this warp's P V wgmmas no longer read tile jt's V
-        if lane == 0:
-            _mbar("mbar_arrive", T.address_of(smem[VE_OFF + 4 * (jt % NS)]))
 
     @body_macro
     def release_q():
@@ -475,10 +464,11 @@ def forward_wgmma(
             _mbar("mbar_arrive", T.address_of(smem[QE_BAR]))
 
     @body_macro
-    def release(jt):
-        # ws: this warp no longer reads tile jt (one arrival per consumer warp)
+    def release(e_off, jt):
+        # ws: this warp no longer reads tile jt (one arrival per consumer warp on the empty
+        # barriers at e_off: KE_OFF, or kv_split's V ones at VE_OFF)
         if lane == 0:
-            _mbar("mbar_arrive", T.address_of(smem[BAR_OFF + 4 * (NS + jt % NS)]))
+            _mbar("mbar_arrive", T.address_of(smem[e_off + 4 * (jt % NS)]))
 
     pack_frag = pack_frag_macro(pack2)
 
@@ -615,13 +605,13 @@ def forward_wgmma(
             _mbar("mbar_wait", T.address_of(smem[QF_BAR]), it % 2)
         if ws and not overlap:
             for j in T.serial(n_blk):
-                wait_full(kb + j)
+                wait_full(KF_OFF, kb + j)
                 issue_s(s, (kb + j) % NS)
                 wg_wait(0)  # S_j and the previous P V are complete
                 pin_all(s, SACC)
                 pin_all(acc, OACC)
                 if j > 0:
-                    release(kb + j - 1)
+                    release(KE_OFF, kb + j - 1)
                 softmax_pv(s, j, (kb + j) % NS)
                 if not defer_pv_wait:
                     wg_wait(0)
@@ -634,20 +624,20 @@ def forward_wgmma(
             # separately, before the turn that issues P V_j)
             if pingpong and wg == NWG - 1:
                 _named_bar("arrive", 1, 256)  # warpgroup 0 goes first
-            wait_full(kb)
+            wait_full(KF_OFF, kb)
             turn_wait()
             issue_s(s, kb % NS)
             turn_pass(False)
             wg_wait(0)
             pin_all(s, SACC)
             if KVS:
-                release(kb)
+                release(KE_OFF, kb)
             softmax_rows(s, 0)
             pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
-                wait_full(kb + j + 1)
+                wait_full(KF_OFF, kb + j + 1)
                 if KVS:
-                    wait_full_v(kb + j)
+                    wait_full(VF_OFF, kb + j)
                 turn_wait()
                 issue_s(s, (kb + j + 1) % NS)
                 rescale_issue_pv((kb + j) % NS)
@@ -655,25 +645,25 @@ def forward_wgmma(
                 wg_wait(1)  # S_{j+1} complete; P V_j in flight
                 pin_all(s, SACC)
                 if KVS:
-                    release(kb + j + 1)
+                    release(KE_OFF, kb + j + 1)
                 softmax_rows(s, j + 1)
                 wg_wait(0)
                 pin_all(acc, OACC)
                 if KVS:
-                    release_v(kb + j)
+                    release(VE_OFF, kb + j)
                 else:
-                    release(kb + j)
+                    release(KE_OFF, kb + j)
                 pack_frag(pf, s, KN)
             release_q()
             if KVS:
-                wait_full_v(kb + n_blk - 1)
+                wait_full(VF_OFF, kb + n_blk - 1)
             turn_wait()
             rescale_issue_pv((kb + n_blk - 1) % NS)
             turn_pass(True)
         elif not overlap:
             for j in T.serial(n_blk):
                 if tma:
-                    wait_full(j)  # tile j (and Q) landed, by the TMA unit's count of bytes
+                    wait_full(KF_OFF, j)  # tile j (and Q) landed, by the TMA unit's count of bytes
                 else:
                     wait_group(NS - 2)  # tile j (and Q) landed: own copies
                     fence_proxy()  # ... visible to the tensor cores' async proxy
@@ -695,7 +685,7 @@ def forward_wgmma(
             # tile j-2 left, so num_stages >= 3.  The last P V is peeled off the loop.  With tma, thread 0
             # refills by TMA and everyone waits on the slot's full barrier (v13).
             if tma:
-                wait_full(0)  # tile 0 (and Q) landed
+                wait_full(KF_OFF, 0)  # tile 0 (and Q) landed
             else:
                 wait_group(NS - 2)
                 fence_proxy()
@@ -707,7 +697,7 @@ def forward_wgmma(
             pack_frag(pf, s, KN)
             for j in T.serial(n_blk - 1):
                 if tma:
-                    wait_full(j + 1)  # tile j+1 landed
+                    wait_full(KF_OFF, j + 1)  # tile j+1 landed
                     T.tvm_storage_sync("shared")  # everyone past step j-1: its slot is free
                     if tx == 0 and j + NS - 1 < n_blk:
                         tma_kv(j + NS - 1, j + NS - 1, True)
@@ -731,9 +721,9 @@ def forward_wgmma(
         wg_wait(0)
         pin_all(acc, OACC)
         if PERSIST and KVS:
-            release_v(kb + n_blk - 1)  # the last key tile's V slot (the loader runs on)
+            release(VE_OFF, kb + n_blk - 1)  # the last key tile's V slot (the loader runs on)
         elif PERSIST:
-            release(kb + n_blk - 1)  # the ring slot of the last key tile (the loader runs on)
+            release(KE_OFF, kb + n_blk - 1)  # the ring slot of the last key tile (the loader runs on)
         # ---- epilogue: O / l and LSE ----
         if O_STAGE:  # the last tile's TMA stores have read this warpgroup's O tile
             if tx % 128 == 0:

@@ -879,9 +879,6 @@ def schedule_backward(head_dim: int, dtype: str, causal: bool, **knobs) -> dict:
         k["lag"] = 0
     if k["dq_accum"] and "block_q" not in knobs:  # so is hd64's default of 128 queries per step
         k["block_q"] = 64
-    for name in ("dq_wg_sum", "dq_l2_hint", "dq_rotate", "dq_first"):  # (and their defaults without dq_accum)
-        if not k["dq_accum"] and name not in knobs:
-            k[name] = 0
     for name in ("overlap", "lsd_overlap", "lag", "tma", "dq_accum", "dq_wg_sum", "dq_l2_hint", "dq_rotate",
                  "dq_first"):
         k[name] = bool(k[name])

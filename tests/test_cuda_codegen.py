@@ -54,6 +54,12 @@ def _assemble_wgmma(tmp_path, src, kernels):
     return res
 
 
+def _dkdv_kernel(src):
+    """The source of the dK/dV kernel's definition (one of the module's kernels)."""
+    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    return dkdv
+
+
 @pytest.mark.parametrize("d,dtype,causal", [(64, "float32", False), (128, "bfloat16", True), (96, "float16", True),
                                             (256, "float32", True)])
 def test_cuda_backward_kernels_compile(tmp_path, d, dtype, causal):
@@ -130,7 +136,7 @@ def test_wgmma_backward_dq_accum_assembles(tmp_path, d, causal, tma):
     _assemble_wgmma(tmp_path, src, 3)
     assert "m64n64k16.f32.bf16.bf16 {" in src and ", 1, 1, 1, 1; }" in src and "red.relaxed" not in src
     assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in src
-    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    dkdv = _dkdv_kernel(src)
     calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait|add_shared_v4)\(", dkdv)
     # per step: wait for the last reduction's reads (tma: before the dQ GEMM's barrier; else at
     # the top of the step), 8 float4 stores, the named barrier, the reduction; at exit the wait
@@ -150,7 +156,7 @@ def test_wgmma_backward_dq_wg_sum_and_l2_hint_assemble(tmp_path, causal):
     funcs = cuda_wgmma_bwd.schedule_backward(64, "bfloat16", causal, dq_accum=1, dq_wg_sum=1)
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
-    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    dkdv = _dkdv_kernel(src)
     calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait|add_shared_v4)\(", dkdv)
     assert calls.count("bulk_reduce_add") == 1 and calls.count("add_shared_v4") == 8 and calls.count("st_shared_v4") == 8
     assert "tvm_flash_bar_sync(3, 256)" in dkdv
@@ -178,10 +184,10 @@ def test_wgmma_backward_dq_rotate_assembles(tmp_path, d, causal):
     funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, dq_rotate=1)
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
-    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    dkdv = _dkdv_kernel(src)
     base = tvm.compile(tvm.IRModule(cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1)),
                        target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
-    base_dkdv, = (k for k in base.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    base_dkdv = _dkdv_kernel(base)
     assert dkdv.count("blockIdx.x") > base_dkdv.count("blockIdx.x")
     calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait)\(", dkdv)
     assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
@@ -203,7 +209,7 @@ def test_wgmma_backward_dq_first_assembles(tmp_path, d, causal):
     funcs = cuda_wgmma_bwd.schedule_backward(d, "bfloat16", causal, dq_accum=1, dq_first=1)
     src = tvm.compile(tvm.IRModule(funcs), target=make_target("cuda", "sm_90a")).mod.imports[0].inspect_source()
     _assemble_wgmma(tmp_path, src, 3)
-    dkdv, = (k for k in src.split('extern "C" __global__') if "flash_bwd_dkdv_kernel(" in k and ") {" in k)
+    dkdv = _dkdv_kernel(src)
     calls = re.findall(r"tvm_flash_(bulk_wait_read|st_shared_v4|bar_sync|bulk_reduce_add|bulk_wait)\(", dkdv)
     assert calls == ["bulk_wait_read"] + ["st_shared_v4"] * 8 + ["bar_sync", "bulk_reduce_add", "bulk_wait"], calls
     # the dQ GEMM (m64n64, both operands from shared memory) comes before the dK GEMM (the step's

@@ -116,6 +116,7 @@ def _on_device(device: torch.device):
 # key-length classes with a kernel of their own where the schedule has one (``short_knobs``:
 # schedules/cuda_wgmma.py, head dim 64 up to 2048 keys, 128 non-causal up to 1024)
 _SHORT_SEQS = (1024, 2048)
+_PERSISTENT_SEQ, _SHORT_SEQ = _SHORT_SEQS
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,11 +130,12 @@ def _seq_class(q, k) -> int:
     else it is 2048: that class's kernel (hd128) is persistent, and with at most one tile per SM
     it has nothing to overlap and ran 4-6% slower than the defaults (perf-notes v16)."""
     seq_k = k.shape[2]
-    if seq_k > 2048:
+    if seq_k > _SHORT_SEQ:
         return 0
-    if seq_k <= 1024 and (not q.is_cuda or q.shape[0] * q.shape[1] * ((q.shape[2] + 127) // 128) > _sm_count(q.device.index)):
-        return 1024
-    return 2048
+    if seq_k <= _PERSISTENT_SEQ and (
+            not q.is_cuda or q.shape[0] * q.shape[1] * ((q.shape[2] + 127) // 128) > _sm_count(q.device.index)):
+        return _PERSISTENT_SEQ
+    return _SHORT_SEQ
 
 
 @functools.lru_cache(maxsize=None)
